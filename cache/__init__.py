@@ -1,0 +1,31 @@
+"""graphcache.cache: the versioned cache tier (in memory and on Redis)."""
+
+from ._errors import (
+    CacheError,
+    CacheUnavailable,
+    InvalidKey,
+    InvalidValue,
+    InvalidVersion,
+    KeyExists,
+    LockLost,
+    ObjectLocked,
+    ValueTooLarge,
+    VersionMismatch,
+)
+from ._types import CacheItem, LockHandle, VersionedCache
+
+__all__ = (
+    "CacheError",
+    "CacheItem",
+    "CacheUnavailable",
+    "InvalidKey",
+    "InvalidValue",
+    "InvalidVersion",
+    "KeyExists",
+    "LockHandle",
+    "LockLost",
+    "ObjectLocked",
+    "ValueTooLarge",
+    "VersionMismatch",
+    "VersionedCache",
+)

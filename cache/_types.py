@@ -1,0 +1,81 @@
+"""Public data types and the ``VersionedCache`` protocol."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Protocol, Self, runtime_checkable
+
+import msgspec
+
+__all__ = ("CacheItem", "LockHandle", "VersionedCache")
+
+DEFAULT_INVALIDATE_TTL = 300.0
+"""Seconds an invalidation floor lives when the caller does not say."""
+
+
+class CacheItem(msgspec.Struct, frozen=True):
+    """One cached value and the version it was stored with."""
+
+    key: str
+    value: Any
+    version: int
+
+
+class LockHandle(msgspec.Struct, frozen=True):
+    """Proof of a pessimistic lock.
+
+    ``token`` is random and proves ownership; ``fence`` increases with every lock granted on the key
+    (a fencing token a storage write can check); ``expires_at`` is the holder's wall-clock estimate
+    (``time.time()``) of when the lock lapses by itself.
+    """
+
+    key: str
+    token: str
+    fence: int
+    expires_at: float
+
+
+@runtime_checkable
+class VersionedCache(Protocol):
+    """A cache whose every item carries an integer version; see DESIGN.md for the semantics."""
+
+    async def get(self, key: str, *, type: Any = None) -> CacheItem | None: ...
+
+    async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None: ...
+
+    async def put_if_newer(self, key: str, value: Any, version: int, *, ttl: float | None = None) -> bool: ...
+
+    async def add(self, key: str, value: Any, *, ttl: float | None = None) -> int: ...
+
+    async def insert(
+        self,
+        key: str,
+        value: Any,
+        *,
+        version: int | None = None,
+        lock: LockHandle | None = None,
+        ttl: float | None = None,
+    ) -> int: ...
+
+    async def remove(self, key: str, *, version: int | None = None, lock: LockHandle | None = None) -> bool: ...
+
+    async def invalidate(self, key: str, version: int, *, ttl: float = DEFAULT_INVALIDATE_TTL) -> None: ...
+
+    async def get_and_lock(
+        self, key: str, *, lock_timeout: float, wait: float = 0
+    ) -> tuple[CacheItem | None, LockHandle]: ...
+
+    async def put_and_unlock(self, key: str, value: Any, lock: LockHandle, *, ttl: float | None = None) -> int: ...
+
+    async def unlock(self, key: str, lock: LockHandle) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

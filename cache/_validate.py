@@ -1,0 +1,78 @@
+"""Input checks shared by every backend: all run before any I/O."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+
+from ._errors import InvalidKey, InvalidValue, InvalidVersion, ValueTooLarge
+
+MAX_VERSION = 2**63 - 1
+MAX_KEY_BYTES = 1024
+DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a non-empty str of at most 1024 UTF-8 bytes."""
+    if not isinstance(key, str):
+        raise InvalidKey(f"key must be a str, not {type(key).__name__}")
+    if not key:
+        raise InvalidKey("key must not be empty")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # lone surrogates
+        raise InvalidKey(f"key is not valid unicode: {exc}") from exc
+    if size > MAX_KEY_BYTES:
+        raise InvalidKey(f"key is {size} UTF-8 bytes, the limit is {MAX_KEY_BYTES}")
+    return key
+
+
+def check_version(version: object, *, name: str = "version") -> int:
+    """Return ``version`` if it is an int (not bool) in 0..2**63-1."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise InvalidVersion(f"{name} must be an int, not {type(version).__name__}")
+    if not 0 <= version <= MAX_VERSION:
+        raise InvalidVersion(f"{name} must be in 0..2**63-1, got {version}")
+    return version
+
+
+def check_seconds(value: object, *, name: str, allow_none: bool = True) -> float | None:
+    """Return a positive, finite number of seconds (or None where allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def check_wait(value: object) -> float:
+    """``wait`` may be zero (fail at once) or a positive number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"wait must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"wait must be >= 0 and finite, got {value!r}")
+    return float(value)
+
+
+def encode_value(value: Any, *, limit: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
+    """Encode ``value`` as msgpack, refusing what cannot be encoded or is over ``limit`` bytes."""
+    try:
+        data = _encoder.encode(value)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise InvalidValue(f"value cannot be encoded as msgpack: {exc}") from exc
+    if len(data) > limit:
+        raise ValueTooLarge(f"encoded value is {len(data)} bytes, the limit is {limit}")
+    return data
+
+
+def decode_value(data: bytes, type: Any = None) -> Any:
+    """Decode msgpack ``data``, into ``type`` when one is given."""
+    if type is None:
+        return msgspec.msgpack.decode(data)
+    return msgspec.msgpack.decode(data, type=type)

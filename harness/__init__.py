@@ -1,0 +1,3 @@
+"""graphcache.harness: load generator, history recorder, consistency checker, benchmarks."""
+
+__all__ = ()

@@ -1,0 +1,29 @@
+"""graphcache.storage: the source of truth (in memory and on PostgreSQL) and its change feed."""
+
+from ._errors import (
+    ConcurrencyConflict,
+    InvalidOperation,
+    RootExists,
+    RootNotFound,
+    StoreError,
+    StoreUnavailable,
+)
+from ._model import Change, Delete, Graph, Node, Op, Snapshot, Upsert
+from ._protocol import GraphStore
+
+__all__ = (
+    "Change",
+    "ConcurrencyConflict",
+    "Delete",
+    "Graph",
+    "GraphStore",
+    "InvalidOperation",
+    "Node",
+    "Op",
+    "RootExists",
+    "RootNotFound",
+    "Snapshot",
+    "StoreError",
+    "StoreUnavailable",
+    "Upsert",
+)

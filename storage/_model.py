@@ -1,0 +1,56 @@
+"""The graph model, the write operations and the change-feed record, as msgspec Structs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = ("Change", "Delete", "Graph", "Node", "Op", "Snapshot", "Upsert")
+
+
+class Node(msgspec.Struct, frozen=True):
+    """One row of a graph. The root is the node whose ``id`` equals the graph's ``root_id``."""
+
+    id: str
+    parent_id: str | None
+    data: dict[str, Any]
+    row_version: int
+
+
+class Graph(msgspec.Struct, frozen=True):
+    """A whole graph as committed at ``version``."""
+
+    root_id: str
+    version: int
+    nodes: dict[str, Node]
+
+
+Snapshot = Graph
+
+
+class Upsert(msgspec.Struct, frozen=True, tag=True):
+    """Insert or update one node; with ``expected_row_version``, only if the row still has it."""
+
+    node_id: str
+    parent_id: str | None
+    data: dict[str, Any]
+    expected_row_version: int | None = None
+
+
+class Delete(msgspec.Struct, frozen=True, tag=True):
+    """Delete one node (and its subtree); with ``expected_row_version``, only if the row still has it."""
+
+    node_id: str
+    expected_row_version: int | None = None
+
+
+Op = Upsert | Delete
+
+
+class Change(msgspec.Struct, frozen=True):
+    """One committed change: ``root_id`` reached ``version``. ``cursor`` resumes the feed after it."""
+
+    root_id: str
+    version: int
+    cursor: int

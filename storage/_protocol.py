@@ -1,0 +1,27 @@
+"""The ``GraphStore`` protocol: what actors and the harness need from the source of truth."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ._model import Change, Graph, Op
+
+__all__ = ("GraphStore",)
+
+
+@runtime_checkable
+class GraphStore(Protocol):
+    """Source of truth for object graphs; see DESIGN.md ("storage/") for the semantics."""
+
+    async def create_root(self, root_id: str, data: dict[str, Any]) -> int: ...
+
+    async def apply(self, root_id: str, ops: Sequence[Op], *, expected_version: int | None = None) -> int: ...
+
+    async def load(self, root_id: str) -> Graph: ...
+
+    async def version(self, root_id: str) -> int: ...
+
+    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,3 @@
+"""Private redis-server processes (single and 3-master Cluster) for tests that stop or flood Redis."""
+
+__all__: list[str] = []
