@@ -49,8 +49,13 @@ Op = Upsert | Delete
 
 
 class Change(msgspec.Struct, frozen=True):
-    """One committed change: ``root_id`` reached ``version``. ``cursor`` resumes the feed after it."""
+    """One committed change: ``root_id`` reached ``version``. ``cursor`` resumes the feed after it.
+
+    ``committed_at`` is the commit's wall-clock time (``time.time()`` seconds; 0.0 where unknown), used
+    for commit-to-cache lag figures only, never for ordering.
+    """
 
     root_id: str
     version: int
     cursor: int
+    committed_at: float = 0.0
