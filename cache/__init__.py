@@ -12,6 +12,7 @@ from ._errors import (
     ValueTooLarge,
     VersionMismatch,
 )
+from ._memory import MemoryCache, MemoryCacheStatistics
 from ._types import CacheItem, LockHandle, VersionedCache
 
 __all__ = (
@@ -24,6 +25,8 @@ __all__ = (
     "KeyExists",
     "LockHandle",
     "LockLost",
+    "MemoryCache",
+    "MemoryCacheStatistics",
     "ObjectLocked",
     "ValueTooLarge",
     "VersionMismatch",

@@ -1,0 +1,67 @@
+"""MemoryCache specifics: its clock, statistics and repr (the shared contract: test_cache_contract)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cache import LockLost, MemoryCache, MemoryCacheStatistics
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.anyio
+async def test_item_ttl_follows_the_injected_monotonic_clock() -> None:
+    """An item is readable until its ttl has passed on the cache's clock, then absent."""
+    clock = FakeClock()
+    cache = MemoryCache(clock=clock)
+    assert await cache.put_if_newer("k", "v", 1, ttl=10)
+    clock.now += 9.999
+    assert await cache.get("k") is not None
+    clock.now += 0.001
+    assert await cache.get("k") is None
+
+
+@pytest.mark.anyio
+async def test_expired_lock_is_lost_and_the_next_holder_gets_a_larger_fence() -> None:
+    """After lock_timeout the old handle gets LockLost; the next get_and_lock gets fence + 1."""
+    clock = FakeClock()
+    cache = MemoryCache(clock=clock)
+    _, first = await cache.get_and_lock("k", lock_timeout=5)
+    clock.now += 5
+    _, second = await cache.get_and_lock("k", lock_timeout=5)
+    assert second.fence == first.fence + 1
+    with pytest.raises(LockLost):
+        await cache.unlock("k", first)
+    await cache.unlock("k", second)
+
+
+@pytest.mark.anyio
+async def test_floor_expires_after_its_ttl_and_then_stops_refusing() -> None:
+    """invalidate's floor refuses puts at or below it only while it lives."""
+    clock = FakeClock()
+    cache = MemoryCache(clock=clock)
+    await cache.invalidate("k", 7, ttl=30)
+    assert not await cache.put_if_newer("k", "old", 7)
+    clock.now += 30
+    assert await cache.put_if_newer("k", "old", 7)
+
+
+@pytest.mark.anyio
+async def test_statistics_and_repr_show_live_state() -> None:
+    """statistics() and repr count live items, floors and locks, and repr says when closed."""
+    cache = MemoryCache()
+    await cache.put_if_newer("a", 1, 1)
+    await cache.invalidate("b", 3)
+    await cache.get_and_lock("c", lock_timeout=60)
+    assert cache.statistics() == MemoryCacheStatistics(items=1, floors=1, locks=1)
+    assert repr(cache) == "<MemoryCache [Items: 1 | Floors: 1 | Locks: 1]>"
+    await cache.aclose()
+    assert repr(cache) == "<MemoryCache [closed]>"
