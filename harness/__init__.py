@@ -1,3 +1,22 @@
 """graphcache.harness: load generator, history recorder, consistency checker, benchmarks."""
 
-__all__ = ()
+from ._checker import CheckReport, Violation, check, check_with_lags
+from ._history import Event, HistoryError, HistoryWriter, graph_hash, read_history
+from ._report import StrategyResult, format_report, format_table, write_chart, write_json
+
+__all__ = (
+    "CheckReport",
+    "Event",
+    "HistoryError",
+    "HistoryWriter",
+    "StrategyResult",
+    "Violation",
+    "check",
+    "check_with_lags",
+    "format_report",
+    "format_table",
+    "graph_hash",
+    "read_history",
+    "write_chart",
+    "write_json",
+)

@@ -18,6 +18,7 @@ One JSON object per line. ``time`` is ``time.monotonic()``, which on Linux is on
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -26,7 +27,7 @@ import msgspec
 
 from storage import Graph
 
-__all__ = ("Event", "HistoryWriter", "graph_hash", "read_history")
+__all__ = ("Event", "HistoryError", "HistoryWriter", "graph_hash", "read_history", "rows_hash")
 
 EventType = Literal["invoke", "ok", "fail", "info"]
 OpName = Literal["create", "write", "read", "rebuild", "final"]
@@ -49,7 +50,12 @@ _decoder = msgspec.json.Decoder(Event)
 
 def graph_hash(graph: Graph) -> str:
     """A hash of a graph's content: each node's id, parent and data (not row versions, not the stamp)."""
-    content = sorted((n.id, n.parent_id, n.data) for n in graph.nodes.values())
+    return rows_hash((n.id, n.parent_id, n.data) for n in graph.nodes.values())
+
+
+def rows_hash(rows: Iterable[tuple[str, str | None, dict[str, Any]]]) -> str:
+    """The hash ``graph_hash`` computes, from (id, parent_id, data) rows: the checker's replay uses it."""
+    content = sorted(rows)
     digest = hashlib.blake2b(msgspec.json.encode(content, order="deterministic"), digest_size=12)
     return digest.hexdigest()
 
@@ -86,11 +92,24 @@ class HistoryWriter:
         self.close()
 
 
+class HistoryError(ValueError):
+    """A history file line that is not a valid event; the message names the file and line."""
+
+
 def read_history(*paths: str | Path) -> list[Event]:
-    """All events of the given files, in time order."""
+    """All events of the given files, in time order. ``HistoryError`` names a malformed line."""
     events: list[Event] = []
     for path in paths:
         with Path(path).open("rb") as f:
-            events.extend(_decoder.decode(line) for line in f if line.strip())
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    events.append(_decode_line(line, path, lineno))
     events.sort(key=lambda e: e.time)
     return events
+
+
+def _decode_line(line: bytes, path: str | Path, lineno: int) -> Event:
+    try:
+        return _decoder.decode(line)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+        raise HistoryError(f"{path}:{lineno}: not a history event: {exc}") from exc

@@ -1,0 +1,368 @@
+"""The consistency checker: G1 (no regression), G2 (no torn graph), G3 (convergence) and visibility lag.
+
+It reads a history (see ``_history.py``) in one pass, grouping events per root, then judges each root:
+
+  G1  a read that began after another read of the same root had ended must not return an older version.
+      Reads that overlap in time may return versions in any order; absent reads carry no version.
+  G2  a read stamped with version v must hash like the committed graph at v. The committed graphs are
+      rebuilt by replaying each root's create and write-ok ``ops`` in version order; from the first version
+      whose commit is unknown (a write with outcome "info"), reads are ``unjudged``.
+  G3  the last read of a root that began after its ``final`` event must return the final version
+      (absent counts apart: an invalidated key is allowed).
+  lag from each write's ok to the end of the first read that began after it and saw that version or newer.
+
+An operation's interval is its "invoke" event to its completion, paired per (process, op, root) in order:
+a process records one operation on a root at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from storage import Delete, Op, Upsert
+
+from ._history import Event, HistoryError, rows_hash
+
+__all__ = ("CheckReport", "Violation", "check", "check_with_lags")
+
+Kind = Literal["G1", "G2", "G3"]
+VISIBILITY_THRESHOLDS: dict[str, float] = {"10ms": 0.010, "100ms": 0.100, "1s": 1.0}
+_NO_INVOKE = -math.inf  # a completion without its invoke: never judged as having begun after anything
+
+
+class Violation(msgspec.Struct, frozen=True):
+    """One example of a broken guarantee, in words."""
+
+    kind: Kind
+    root: str
+    detail: str
+
+
+class CheckReport(msgspec.Struct):
+    """What the checker found in one history. G1 = ``regressions``, G2 = ``torn``, G3 = ``stale``."""
+
+    reads: int
+    writes: int
+    roots: int
+    regressions: int
+    torn: int
+    unjudged: int
+    stale: int
+    absent_at_end: int
+    lag_p50: float | None
+    lag_p95: float | None
+    lag_p99: float | None
+    visible_within: dict[str, float]
+    examples: list[Violation]
+    absent_reads: int = 0  # reads that found no item: not versions, so outside G1 and G2
+    unread_at_end: int = 0  # roots with a final event but no read after it: G3 not judged for them
+    unseen_commits: int = 0  # writes no later read observed (counted as not visible in visible_within)
+
+    @property
+    def ok(self) -> bool:
+        """True when G1, G2 and G3 all hold."""
+        return self.regressions == 0 and self.torn == 0 and self.stale == 0
+
+
+@dataclass(slots=True)
+class _Read:
+    process: str
+    start: float
+    end: float
+    version: int | None
+    hash: str | None
+
+
+@dataclass(slots=True)
+class _Commit:
+    end: float
+    ops: list[Any] | None
+    hash: str | None = None
+
+
+@dataclass(slots=True)
+class _Root:
+    reads: list[_Read] = field(default_factory=list)
+    commits: dict[int, _Commit] = field(default_factory=dict)
+    ambiguous: set[int] = field(default_factory=set)  # versions reported by two different commits
+    writes: list[tuple[float, int]] = field(default_factory=list)  # (ok time, version)
+    final: tuple[float, int] | None = None
+
+
+@dataclass(slots=True)
+class _Tally:
+    max_examples: int
+    t0: float
+    regressions: int = 0
+    torn: int = 0
+    unjudged: int = 0
+    stale: int = 0
+    absent_at_end: int = 0
+    unread_at_end: int = 0
+    unseen_commits: int = 0
+    lags: list[float] = field(default_factory=list)
+    examples: list[Violation] = field(default_factory=list)
+    _shown: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def example(self, kind: Kind, root: str, detail: str) -> None:
+        if self._shown[kind] < self.max_examples:
+            self._shown[kind] += 1
+            self.examples.append(Violation(kind, root, detail))
+
+    def at(self, t: float) -> str:
+        return f"t=+{t - self.t0:.6f}s"
+
+
+def check(events: Iterable[Event], *, max_examples: int = 5) -> CheckReport:
+    """Judge a history against G1, G2 and G3 and measure visibility lag."""
+    return check_with_lags(events, max_examples=max_examples)[0]
+
+
+def check_with_lags(events: Iterable[Event], *, max_examples: int = 5) -> tuple[CheckReport, list[float]]:
+    """As ``check``, also returning every observed commit-to-visible lag (seconds) for charts."""
+    if max_examples < 0:
+        raise ValueError(f"max_examples must be >= 0, got {max_examples}")
+    ordered = sorted(events, key=_time)
+    roots = _group(ordered)
+    tally = _Tally(max_examples=max_examples, t0=ordered[0].time if ordered else 0.0)
+    for root_id, root in roots.items():
+        _judge_regressions(root_id, root, tally)
+        _judge_torn(root_id, root, tally)
+        _judge_end(root_id, root, tally)
+        _measure_lags(root, tally)
+    return _report(roots, tally), tally.lags
+
+
+def _time(event: Event) -> float:
+    return event.time
+
+
+def _group(events: list[Event]) -> dict[str, _Root]:
+    """One pass: pair completions with their invokes and collect each root's reads, commits and final."""
+    roots: dict[str, _Root] = defaultdict(_Root)
+    pending: dict[tuple[str, str, str], deque[float]] = defaultdict(deque)
+    for e in events:
+        root = roots[e.root]
+        if e.type == "invoke":
+            pending[e.process, e.op, e.root].append(e.time)
+            continue
+        starts = pending.get((e.process, e.op, e.root))
+        start = starts.popleft() if starts else _NO_INVOKE
+        if e.type == "ok":
+            _record_ok(root, e, start)
+        elif e.type == "info" and e.op in ("create", "write"):
+            pass  # outcome unknown: if it committed, its version is a gap the replay will not judge past
+    return roots
+
+
+def _record_ok(root: _Root, e: Event, start: float) -> None:
+    if e.op == "read":
+        root.reads.append(_Read(e.process, start, e.time, e.version, e.hash))
+    elif e.op in ("create", "write") and e.version is not None:
+        if e.op == "write":
+            root.writes.append((e.time, e.version))
+        known = root.commits.get(e.version)
+        if known is not None and known.ops != e.ops:
+            root.ambiguous.add(e.version)
+        root.commits.setdefault(e.version, _Commit(e.time, e.ops, e.hash))
+    elif e.op == "final" and e.version is not None and (root.final is None or e.time >= root.final[0]):
+        root.final = (e.time, e.version)
+
+
+def _judge_regressions(root_id: str, root: _Root, tally: _Tally) -> None:
+    """G1: sweep reads in start order, knowing the newest version of every read that ended before."""
+    present = [r for r in root.reads if r.version is not None]
+    by_end = sorted(present, key=lambda r: r.end)
+    newest: _Read | None = None
+    i = 0
+    for read in sorted(present, key=lambda r: r.start):
+        while i < len(by_end) and by_end[i].end < read.start:
+            if newest is None or _version(by_end[i]) > _version(newest):
+                newest = by_end[i]
+            i += 1
+        if newest is not None and _version(read) < _version(newest):
+            tally.regressions += 1
+            tally.example(
+                "G1",
+                root_id,
+                f"{read.process} read v{read.version} (began {tally.at(read.start)}) after "
+                f"{newest.process}'s read of v{newest.version} had ended ({tally.at(newest.end)})",
+            )
+
+
+def _version(read: _Read) -> int:
+    assert read.version is not None  # only present reads are swept
+    return read.version
+
+
+def _judge_torn(root_id: str, root: _Root, tally: _Tally) -> None:
+    """G2: compare each stamped read with the replayed committed graph at its version."""
+    wanted = {r.version for r in root.reads if r.version is not None and r.hash is not None}
+    expected = _committed_hashes(root_id, root, wanted)
+    final_version = root.final[1] if root.final is not None else None
+    for read in root.reads:
+        if read.version is None:
+            continue
+        if final_version is not None and not 1 <= read.version <= final_version:
+            tally.torn += 1
+            tally.example(
+                "G2",
+                root_id,
+                f"{read.process} read v{read.version}, never committed (final v{final_version})",
+            )
+        elif read.hash is None or read.version not in expected:
+            tally.unjudged += 1
+        elif read.hash != expected[read.version]:
+            tally.torn += 1
+            tally.example(
+                "G2",
+                root_id,
+                f"{read.process} read v{read.version} with hash {read.hash} ({tally.at(read.end)}), "
+                f"the committed graph at v{read.version} hashes to {expected[read.version]}",
+            )
+
+
+def _committed_hashes(root_id: str, root: _Root, wanted: set[int]) -> dict[int, str]:
+    """Replay versions 1, 2, ... while each is known; hash the state at the versions some read saw."""
+    rows: dict[str, tuple[str | None, dict[str, Any]]] = {}
+    hashes: dict[int, str] = {}
+    version = 1
+    while (commit := root.commits.get(version)) is not None and version not in root.ambiguous:
+        if commit.ops is None:
+            break
+        _apply(rows, _decode_ops(root_id, version, commit.ops))
+        if version in wanted or commit.hash is not None:
+            hashes[version] = rows_hash((nid, parent, data) for nid, (parent, data) in rows.items())
+        if commit.hash is not None and commit.hash != hashes[version]:
+            raise HistoryError(
+                f"root {root_id!r}: replaying v{version} gives hash {hashes[version]}, the history "
+                f"recorded {commit.hash}: the recorder and the checker disagree on graph content"
+            )
+        version += 1
+    return hashes
+
+
+def _decode_ops(root_id: str, version: int, ops: list[Any]) -> list[Op]:
+    try:
+        return msgspec.convert(ops, list[Op])
+    except msgspec.ValidationError as exc:
+        raise HistoryError(f"root {root_id!r} v{version}: ops are not storage operations: {exc}") from exc
+
+
+def _apply(rows: dict[str, tuple[str | None, dict[str, Any]]], ops: list[Op]) -> None:
+    for op in ops:
+        match op:
+            case Upsert(node_id=node_id, parent_id=parent_id, data=data):
+                rows[node_id] = (parent_id, data)
+            case Delete(node_id=node_id):
+                _delete_subtree(rows, node_id)
+
+
+def _delete_subtree(rows: dict[str, tuple[str | None, dict[str, Any]]], node_id: str) -> None:
+    children: dict[str | None, list[str]] = defaultdict(list)
+    for nid, (parent, _) in rows.items():
+        children[parent].append(nid)
+    doomed = [node_id]
+    while doomed:
+        nid = doomed.pop()
+        if rows.pop(nid, None) is not None:
+            doomed.extend(children[nid])
+
+
+def _judge_end(root_id: str, root: _Root, tally: _Tally) -> None:
+    """G3: the last read that began after the final event must see the final version (or nothing)."""
+    if root.final is None:
+        return
+    final_time, final_version = root.final
+    after = [r for r in root.reads if r.start >= final_time]
+    if not after:
+        tally.unread_at_end += 1
+        return
+    last = max(after, key=lambda r: r.end)
+    if last.version is None:
+        tally.absent_at_end += 1
+    elif last.version != final_version:
+        tally.stale += 1
+        tally.example(
+            "G3",
+            root_id,
+            f"final committed version v{final_version}, the last read after it ({last.process}, "
+            f"{tally.at(last.end)}) returned v{last.version}",
+        )
+
+
+def _measure_lags(root: _Root, tally: _Tally) -> None:
+    """For each write, the end of the earliest-ending read that began after it and saw it or newer.
+
+    Writes are taken newest first while reads that began after each one are added to a Fenwick tree
+    indexed by version (reversed), holding the earliest end per version suffix: O((W + R) log V).
+    """
+    reads = sorted((r for r in root.reads if r.version is not None), key=lambda r: r.start, reverse=True)
+    top = max((_version(r) for r in reads), default=0)
+    tree = [math.inf] * (top + 1)
+    i = 0
+    for committed_at, version in sorted(root.writes, reverse=True):
+        while i < len(reads) and reads[i].start > committed_at:
+            _tree_lower(tree, top - _version(reads[i]) + 1, reads[i].end)
+            i += 1
+        seen_at = _tree_min(tree, top - version + 1) if 1 <= version <= top else math.inf
+        if seen_at == math.inf:
+            tally.unseen_commits += 1
+        else:
+            tally.lags.append(seen_at - committed_at)
+
+
+def _tree_lower(tree: list[float], index: int, value: float) -> None:
+    while index < len(tree):
+        tree[index] = min(tree[index], value)
+        index += index & -index
+
+
+def _tree_min(tree: list[float], index: int) -> float:
+    best = math.inf
+    while index > 0:
+        best = min(best, tree[index])
+        index -= index & -index
+    return best
+
+
+def _report(roots: dict[str, _Root], tally: _Tally) -> CheckReport:
+    lags = sorted(tally.lags)
+    commits = len(lags) + tally.unseen_commits
+    return CheckReport(
+        reads=sum(len(r.reads) for r in roots.values()),
+        writes=sum(len(r.writes) for r in roots.values()),
+        roots=len(roots),
+        regressions=tally.regressions,
+        torn=tally.torn,
+        unjudged=tally.unjudged,
+        stale=tally.stale,
+        absent_at_end=tally.absent_at_end,
+        lag_p50=_percentile(lags, 50),
+        lag_p95=_percentile(lags, 95),
+        lag_p99=_percentile(lags, 99),
+        visible_within={
+            name: bisect.bisect_right(lags, limit) / commits for name, limit in VISIBILITY_THRESHOLDS.items()
+        }
+        if commits
+        else {},
+        examples=tally.examples,
+        absent_reads=sum(1 for r in roots.values() for read in r.reads if read.version is None),
+        unread_at_end=tally.unread_at_end,
+        unseen_commits=tally.unseen_commits,
+    )
+
+
+def _percentile(ordered: list[float], p: float) -> float | None:
+    """Nearest rank: the smallest value with at least p% of the values at or below it."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
