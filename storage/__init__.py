@@ -8,6 +8,7 @@ from ._errors import (
     StoreError,
     StoreUnavailable,
 )
+from ._memory import MemoryStore
 from ._model import Change, Delete, Graph, Node, Op, Snapshot, Upsert
 from ._protocol import GraphStore
 
@@ -18,6 +19,7 @@ __all__ = (
     "Graph",
     "GraphStore",
     "InvalidOperation",
+    "MemoryStore",
     "Node",
     "Op",
     "RootExists",

@@ -1,0 +1,252 @@
+"""``MemoryStore``: the embedded, in-process source of truth (a real implementation of ``GraphStore``).
+
+Each root's committed state is one immutable ``(version, rows)`` pair that an ``apply`` replaces in a
+single step under the root's lock, so a ``load`` that grabbed the pair returns a consistent snapshot even
+when it awaits (simulated I/O latency) between reading the version and reading the nodes. With
+``latency=(min_s, max_s)`` every call awaits random delays at its I/O points, which makes the interleavings
+of concurrent tasks real (the demo and the race tests rely on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, NamedTuple, Self
+
+import anyio
+import msgspec
+
+from ._errors import ConcurrencyConflict, InvalidOperation, RootExists, RootNotFound, StoreUnavailable
+from ._model import Change, Graph, Node, Op
+from ._validate import (
+    DEFAULT_MAX_DATA_BYTES,
+    RowInfo,
+    check_data,
+    check_expected,
+    check_id,
+    check_ops,
+    plan_apply,
+)
+
+__all__ = ("MemoryStore",)
+
+logger = logging.getLogger(__name__)
+
+_json_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+class _Row(NamedTuple):
+    parent_id: str | None
+    data_json: bytes
+    row_version: int
+
+
+class _Committed(NamedTuple):
+    version: int
+    rows: dict[str, _Row]  # never mutated once published
+
+
+class _Root:
+    __slots__ = ("committed", "lock")
+
+    def __init__(self, committed: _Committed) -> None:
+        self.committed = committed
+        self.lock = anyio.Lock()
+
+
+class MemoryStore:
+    """In-process ``GraphStore``; ``latency=(min_s, max_s)`` simulates I/O so concurrent calls interleave.
+
+    The change feed keeps the last ``feed_retention`` changes; cursors are 1, 2, 3, ... in commit order.
+    """
+
+    def __init__(
+        self,
+        latency: tuple[float, float] | None = None,
+        *,
+        seed: int | None = None,
+        max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+        feed_retention: int = 100_000,
+    ) -> None:
+        self._latency = _check_latency(latency)
+        self._random = random.Random(seed)
+        self._max_data_bytes = max_data_bytes
+        self._roots: dict[str, _Root] = {}
+        self._log: deque[Change] = deque(maxlen=feed_retention)
+        self._last_cursor = 0
+        self._appended = anyio.Event()
+        self._closed = False
+        self._feeds: set[_MemoryFeed] = set()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<MemoryStore [{state} | roots: {len(self._roots)} | cursor: {self._last_cursor}"
+            f" | feeds: {len(self._feeds)}]>"
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def create_root(self, root_id: str, data: dict[str, Any]) -> int:
+        """Create a graph holding only its root node, at version 1."""
+        check_id(root_id, name="root_id")
+        data_json = check_data(data, limit=self._max_data_bytes)
+        await self._io()
+        self._check_open()
+        if root_id in self._roots:
+            raise RootExists(f"root {root_id!r} already exists")
+        self._roots[root_id] = _Root(_Committed(1, {root_id: _Row(None, data_json, 1)}))
+        self._publish(root_id, 1)
+        return 1
+
+    async def apply(self, root_id: str, ops: Sequence[Op], *, expected_version: int | None = None) -> int:
+        """Apply ``ops`` all-or-nothing; the root's version goes up by exactly one."""
+        check_id(root_id, name="root_id")
+        expected = check_expected(expected_version, name="expected_version")
+        checked = check_ops(root_id, ops, limit=self._max_data_bytes)
+        await self._io()
+        root = self._root(root_id)
+        async with root.lock:
+            await self._io()  # a transaction holds its lock across I/O
+            self._check_open()
+            committed = root.committed
+            if expected is not None and expected != committed.version:
+                raise ConcurrencyConflict(
+                    f"root {root_id!r} is at version {committed.version}, expected {expected};"
+                    " nothing was committed"
+                )
+            structure = {key: RowInfo(row.parent_id, row.row_version) for key, row in committed.rows.items()}
+            plan = plan_apply(root_id, structure, checked)
+            rows = {key: row for key, row in committed.rows.items() if key not in plan.deletes}
+            for node_id, (parent_id, data_json, row_version) in plan.upserts.items():
+                rows[node_id] = _Row(parent_id, data_json, row_version)
+            version = committed.version + 1
+            root.committed = _Committed(version, rows)
+            self._publish(root_id, version)
+        return version
+
+    async def load(self, root_id: str) -> Graph:
+        """One consistent snapshot of the graph."""
+        check_id(root_id, name="root_id")
+        await self._io()
+        snapshot = self._root(root_id).committed
+        version = snapshot.version
+        await self._io()  # a writer may commit here; the snapshot we hold is unaffected
+        nodes = {
+            node_id: Node(node_id, row.parent_id, _json_decoder.decode(row.data_json), row.row_version)
+            for node_id, row in snapshot.rows.items()
+        }
+        return Graph(root_id, version, nodes)
+
+    async def version(self, root_id: str) -> int:
+        """The root's committed version."""
+        check_id(root_id, name="root_id")
+        await self._io()
+        return self._root(root_id).committed.version
+
+    def changes(self, *, after: int | None = None) -> _MemoryFeed:
+        """The change feed from just after ``after`` (None: from now on)."""
+        cursor = check_expected(after, name="after")
+        feed = _MemoryFeed(self, self._last_cursor if cursor is None else cursor)
+        self._feeds.add(feed)
+        return feed
+
+    async def aclose(self) -> None:
+        """Close the store; open feeds end, later calls raise ``StoreUnavailable``."""
+        self._closed = True
+        self._appended.set()
+
+    async def _io(self) -> None:
+        if self._latency is not None:
+            await anyio.sleep(self._random.uniform(*self._latency))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("MemoryStore is closed")
+
+    def _root(self, root_id: str) -> _Root:
+        self._check_open()
+        root = self._roots.get(root_id)
+        if root is None:
+            raise RootNotFound(f"root {root_id!r} not found")
+        return root
+
+    def _publish(self, root_id: str, version: int) -> None:
+        self._last_cursor += 1
+        self._log.append(Change(root_id, version, self._last_cursor, time.time()))
+        appended, self._appended = self._appended, anyio.Event()
+        appended.set()
+
+    def _since(self, cursor: int) -> list[Change]:
+        if not self._log or cursor >= self._last_cursor:
+            return []
+        first = self._log[0].cursor
+        if cursor + 1 < first:
+            logger.warning("feed cursor %d is older than the retained changes (from %d)", cursor, first)
+        start = max(cursor + 1 - first, 0)
+        return [self._log[index] for index in range(start, len(self._log))]
+
+
+class _MemoryFeed:
+    """Async iterator over a ``MemoryStore``'s changes in commit order (per root, versions increase)."""
+
+    def __init__(self, store: MemoryStore, cursor: int) -> None:
+        self._store = store
+        self._cursor = cursor
+        self._buffer: deque[Change] = deque()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<MemoryFeed [cursor: {self._cursor} | buffered: {len(self._buffer)}]>"
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Change:
+        while not self._buffer:
+            if self._closed or self._store._closed:
+                raise StopAsyncIteration
+            waiter = self._store._appended
+            self._buffer.extend(self._store._since(self._cursor))
+            if not self._buffer:
+                await waiter.wait()
+        change = self._buffer.popleft()
+        self._cursor = change.cursor
+        return change
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._store._feeds.discard(self)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def _check_latency(latency: object) -> tuple[float, float] | None:
+    if latency is None:
+        return None
+    if not isinstance(latency, tuple) or len(latency) != 2:
+        raise InvalidOperation(f"latency must be a (min_s, max_s) tuple, not {latency!r}")
+    low, high = latency
+    for value in (low, high):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InvalidOperation(f"latency bounds must be finite numbers of seconds, got {latency!r}")
+    if not 0 <= low <= high:
+        raise InvalidOperation(f"latency must satisfy 0 <= min_s <= max_s, got {latency!r}")
+    return (float(low), float(high))
