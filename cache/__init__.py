@@ -13,6 +13,7 @@ from ._errors import (
     VersionMismatch,
 )
 from ._memory import MemoryCache, MemoryCacheStatistics
+from ._redis import RedisCache
 from ._types import CacheItem, LockHandle, VersionedCache
 
 __all__ = (
@@ -28,6 +29,7 @@ __all__ = (
     "MemoryCache",
     "MemoryCacheStatistics",
     "ObjectLocked",
+    "RedisCache",
     "ValueTooLarge",
     "VersionMismatch",
     "VersionedCache",

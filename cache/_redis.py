@@ -1,0 +1,347 @@
+"""``RedisCache``: ``VersionedCache`` on Redis (single instance or Cluster).
+
+Wire layout of one cache key ``K`` under namespace ``NS`` (documented in docs/readme/cache.md):
+``T = base64url(utf8(K))`` without padding, and all of K's state shares the hash tag ``{T}``::
+
+    NS:{T}:i   hash  v = version (decimal string), d = value (msgpack); PEXPIRE = the item's ttl
+    NS:{T}:f   string  the floor version (decimal); PEXPIRE = the invalidation ttl
+    NS:{T}:l   string  "<token>:<fence>" of the lock holder; PEXPIRE = lock_timeout
+    NS:{T}:c   string  fence counter (INCR), never expires so fences never repeat
+
+Reads are one HMGET; every compare-and-write is one Lua script (see ``_scripts``) over those keys only,
+so each call touches one slot on a Cluster. redis-py errors are mapped in ``_mapped`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import random
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from redis import exceptions as rex
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from . import _scripts as lua
+from ._errors import (
+    CacheError,
+    CacheUnavailable,
+    InvalidVersion,
+    KeyExists,
+    LockLost,
+    ObjectLocked,
+    VersionMismatch,
+)
+from ._types import DEFAULT_INVALIDATE_TTL, CacheItem, LockHandle
+from ._validate import (
+    DEFAULT_MAX_VALUE_BYTES,
+    check_key,
+    check_seconds,
+    check_version,
+    check_wait,
+    decode_value,
+    encode_value,
+)
+
+__all__ = ("RedisCache",)
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]+")
+_UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterError, rex.RedisClusterException, OSError)
+_FIRST_BACKOFF = 0.002
+_MAX_BACKOFF = 0.05
+
+
+class RedisCache:
+    """Versioned cache on Redis; see DESIGN.md for the semantics of each method.
+
+    Build it with ``RedisCache.from_url(url, namespace="gc")`` (``cluster=True`` for a Redis Cluster),
+    or wrap an existing ``redis.asyncio.Redis`` / ``RedisCluster`` client (left open by ``aclose``
+    unless ``close_client=True``). The client must not decode responses.
+    """
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        namespace: str = "gc",
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        floor_ttl: float = DEFAULT_INVALIDATE_TTL,
+        close_client: bool = False,
+        address: str | None = None,
+    ) -> None:
+        if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+            raise ValueError(f"namespace must match [A-Za-z0-9_.-]+, got {namespace!r}")
+        self._client = client
+        self._namespace = namespace
+        self._prefix = f"{namespace}:{{".encode()
+        self._max_value_bytes = max_value_bytes
+        self._floor_ms = _millis(check_seconds(floor_ttl, name="floor_ttl", allow_none=False))
+        self._close_client = close_client
+        self._address = address or _describe(client)
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = "gc",
+        cluster: bool = False,
+        connect_timeout: float = 2.0,
+        socket_timeout: float = 2.0,
+        max_connections: int = 64,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        floor_ttl: float = DEFAULT_INVALIDATE_TTL,
+    ) -> RedisCache:
+        """Connect lazily to ``url``; every call is bounded by the connect and socket timeouts.
+
+        No automatic retries: a script such as ``insert`` is not idempotent, so a failed call raises
+        ``CacheUnavailable`` and the caller decides. Dead pooled connections are replaced by themselves.
+        """
+        options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout,
+            "socket_timeout": socket_timeout,
+            "max_connections": max_connections,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        client: Redis | RedisCluster
+        if cluster:
+            client = RedisCluster.from_url(url, **options)
+        else:
+            client = Redis.from_url(url, health_check_interval=1, **options)
+        return cls(
+            client,
+            namespace=namespace,
+            max_value_bytes=max_value_bytes,
+            floor_ttl=floor_ttl,
+            close_client=True,
+            address=_redact(url),
+        )
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    async def get(self, key: str, *, type: Any = None) -> CacheItem | None:
+        check_key(key)
+        self._check_open()
+        with self._mapped():
+            reply: list[Any] = await self._client.hmget(self._key(key, b"i"), [b"v", b"d"])
+        if reply[1] is None:
+            return None
+        return CacheItem(key, decode_value(reply[1], type), int(reply[0]))
+
+    async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None:
+        check_key(key)
+        check_version(version)
+        reply = await self._run(lua.GET_IF_NEWER, (self._key(key, b"i"),), (version,))
+        if len(reply) < 3:
+            return None
+        return CacheItem(key, decode_value(reply[2], type), int(reply[1]))
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    async def put_if_newer(self, key: str, value: Any, version: int, *, ttl: float | None = None) -> bool:
+        check_key(key)
+        check_version(version)
+        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        data = encode_value(value, limit=self._max_value_bytes)
+        keys = (self._key(key, b"i"), self._key(key, b"f"))
+        return bool(await self._run(lua.PUT_IF_NEWER, keys, (version, data, ttl_ms)))
+
+    async def add(self, key: str, value: Any, *, ttl: float | None = None) -> int:
+        check_key(key)
+        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        data = encode_value(value, limit=self._max_value_bytes)
+        keys = (self._key(key, b"i"), self._key(key, b"f"))
+        return self._version_reply(key, None, await self._run(lua.ADD, keys, (data, ttl_ms)))
+
+    async def insert(
+        self,
+        key: str,
+        value: Any,
+        *,
+        version: int | None = None,
+        lock: LockHandle | None = None,
+        ttl: float | None = None,
+    ) -> int:
+        check_key(key)
+        expected = "" if version is None else check_version(version)
+        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        data = encode_value(value, limit=self._max_value_bytes)
+        keys = (self._key(key, b"i"), self._key(key, b"f"), self._key(key, b"l"))
+        reply = await self._run(lua.INSERT, keys, (data, ttl_ms, expected, _owner(key, lock)))
+        return self._version_reply(key, version, reply, lock)
+
+    async def remove(self, key: str, *, version: int | None = None, lock: LockHandle | None = None) -> bool:
+        check_key(key)
+        expected = "" if version is None else check_version(version)
+        keys = (self._key(key, b"i"), self._key(key, b"f"), self._key(key, b"l"))
+        reply = await self._run(lua.REMOVE, keys, (expected, _owner(key, lock), self._floor_ms))
+        return self._version_reply(key, version, reply, lock) == 1
+
+    async def invalidate(self, key: str, version: int, *, ttl: float = DEFAULT_INVALIDATE_TTL) -> None:
+        check_key(key)
+        check_version(version)
+        ttl_ms = _millis(check_seconds(ttl, name="ttl", allow_none=False))
+        keys = (self._key(key, b"i"), self._key(key, b"f"))
+        await self._run(lua.INVALIDATE, keys, (version, ttl_ms))
+
+    # -- pessimistic locks -------------------------------------------------------------------------
+
+    async def get_and_lock(
+        self, key: str, *, lock_timeout: float, wait: float = 0
+    ) -> tuple[CacheItem | None, LockHandle]:
+        check_key(key)
+        timeout_ms = _millis(check_seconds(lock_timeout, name="lock_timeout", allow_none=False))
+        deadline = time.monotonic() + check_wait(wait)
+        keys = (self._key(key, b"i"), self._key(key, b"l"), self._key(key, b"c"))
+        token = secrets.token_hex(16)
+        backoff = _FIRST_BACKOFF
+        while True:
+            expires_at = time.time() + int(timeout_ms) / 1000
+            reply = await self._run(lua.GET_AND_LOCK, keys, (token, timeout_ms))
+            if reply[0] == lua.OK:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ObjectLocked(f"key {key!r} is locked (expires in {int(reply[1])} ms)")
+            # Jittered exponential backoff, never past the deadline nor the holder's own expiry.
+            pause = min(remaining, backoff * random.uniform(0.5, 1.0), max(int(reply[1]), 1) / 1000)
+            await anyio.sleep(pause)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+        item = None if reply[2] == b"" else CacheItem(key, decode_value(reply[3]), int(reply[2]))
+        return item, LockHandle(key, token, int(reply[1]), expires_at)
+
+    async def put_and_unlock(
+        self, key: str, value: Any, lock: LockHandle, *, ttl: float | None = None
+    ) -> int:
+        check_key(key)
+        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        data = encode_value(value, limit=self._max_value_bytes)
+        keys = (self._key(key, b"i"), self._key(key, b"f"), self._key(key, b"l"))
+        reply = await self._run(lua.PUT_AND_UNLOCK, keys, (data, ttl_ms, _owner(key, lock)))
+        return self._version_reply(key, None, reply, lock)
+
+    async def unlock(self, key: str, lock: LockHandle) -> None:
+        check_key(key)
+        reply = await self._run(lua.UNLOCK, (self._key(key, b"l"),), (_owner(key, lock),))
+        self._version_reply(key, None, reply, lock)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._close_client:
+            with self._mapped():
+                await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        kind = "Cluster" if isinstance(self._client, RedisCluster) else "Redis"
+        return f"<RedisCache [{kind} {self._address} | namespace {self._namespace!r} | {state}]>"
+
+    def redis_keys(self, key: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """The Redis keys holding ``key``'s item, floor, lock and fence counter (the wire format)."""
+        check_key(key)
+        return self._key(key, b"i"), self._key(key, b"f"), self._key(key, b"l"), self._key(key, b"c")
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _key(self, key: str, kind: bytes) -> bytes:
+        tag = base64.urlsafe_b64encode(key.encode()).rstrip(b"=")
+        return self._prefix + tag + b"}:" + kind
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheUnavailable(f"RedisCache for {self._address} is closed")
+
+    @contextlib.contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """The one seam where redis-py and OS errors become cache errors."""
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            raise CacheUnavailable(f"Redis at {self._address} is unavailable: {exc!r}") from exc
+        except rex.RedisError as exc:
+            raise CacheError(f"Redis at {self._address} failed: {exc!r}") from exc
+
+    async def _run(self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[object, ...]) -> Any:
+        self._check_open()
+        with self._mapped():
+            try:
+                return await self._client.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
+            except rex.NoScriptError:
+                # The server lost its script cache (restart, SCRIPT FLUSH, failover): EVAL loads it again.
+                return await self._client.eval(script.source, len(keys), *keys, *args)  # type: ignore[arg-type]
+
+    def _version_reply(
+        self, key: str, expected: int | None, reply: Any, lock: LockHandle | None = None
+    ) -> int:
+        """Turn a script's ``{status, value}`` reply into the new version or the matching error."""
+        status = reply[0]
+        if status == lua.OK:
+            return int(reply[1])
+        if status == lua.MISMATCH:
+            current = None if reply[1] == b"" else int(reply[1])
+            raise VersionMismatch(key, expected if expected is not None else -1, current)
+        if status == lua.EXISTS:
+            raise KeyExists(f"key {key!r} already holds an item")
+        if status == lua.LOCKED:
+            raise ObjectLocked(f"key {key!r} is locked by another handle")
+        if status == lua.LOST:
+            fence = "none" if lock is None else lock.fence
+            raise LockLost(f"lock on {key!r} (fence {fence}) expired or is not this handle's")
+        if status == lua.OVERFLOW:
+            raise InvalidVersion(f"key {key!r} is at version 2**63-1 and cannot be versioned higher")
+        raise CacheError(f"unexpected reply from Redis at {self._address}: {reply!r}")
+
+
+def _owner(key: str, lock: LockHandle | None) -> str:
+    """The lock value a handle proves; a handle for another key proves nothing."""
+    if lock is None:
+        return ""
+    if lock.key != key:
+        return "-"
+    return f"{lock.token}:{lock.fence}"
+
+
+def _millis(seconds: float | None) -> str:
+    """Milliseconds for PEXPIRE/PX ("" for no expiry), at least 1 so a tiny ttl still expires."""
+    if seconds is None:
+        return ""
+    return str(max(1, round(seconds * 1000)))
+
+
+def _describe(client: Redis | RedisCluster) -> str:
+    if isinstance(client, RedisCluster):
+        nodes = client.get_nodes() or []
+        return ",".join(f"{n.host}:{n.port}" for n in nodes) or "a Redis Cluster"
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
