@@ -11,15 +11,15 @@ It reads a history (see ``_history.py``) in one pass, grouping events per root, 
       (absent counts apart: an invalidated key is allowed).
   lag from each write's ok to the end of the first read that began after it and saw that version or newer.
 
-An operation's interval is its "invoke" event to its completion, paired per (process, op, root) in order:
-a process records one operation on a root at a time.
+An operation's interval runs from its "invoke" event to its completion, paired per (process, op, root);
+a process should have one operation per root in flight (if not, intervals are widened, see _pop_start).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -147,19 +147,32 @@ def _time(event: Event) -> float:
 def _group(events: list[Event]) -> dict[str, _Root]:
     """One pass: pair completions with their invokes and collect each root's reads, commits and final."""
     roots: dict[str, _Root] = defaultdict(_Root)
-    pending: dict[tuple[str, str, str], deque[float]] = defaultdict(deque)
+    pending: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for e in events:
         root = roots[e.root]
         if e.type == "invoke":
             pending[e.process, e.op, e.root].append(e.time)
             continue
-        starts = pending.get((e.process, e.op, e.root))
-        start = starts.popleft() if starts else _NO_INVOKE
+        start = _pop_start(pending.get((e.process, e.op, e.root)))
         if e.type == "ok":
             _record_ok(root, e, start)
         elif e.type == "info" and e.op in ("create", "write"):
             pass  # outcome unknown: if it committed, its version is a gap the replay will not judge past
     return roots
+
+
+def _pop_start(starts: list[float] | None) -> float:
+    """The start to judge a completion by, never later than its true invoke.
+
+    With one operation in flight (the normal case) that is its invoke. If a process broke the one-at-a-time
+    rule, any pending invoke may be this completion's: take the earliest as its start and drop the latest,
+    so every interval can only widen (fewer precedences, never a false regression).
+    """
+    if not starts:
+        return _NO_INVOKE
+    start = starts[0]
+    starts.pop()
+    return start
 
 
 def _record_ok(root: _Root, e: Event, start: float) -> None:
