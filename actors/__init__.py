@@ -1,5 +1,24 @@
 """graphcache.actors: mailbox actors, the consistent-hash ring, membership and the Node."""
 
 from ._keys import graph_key
+from ._membership import (
+    InvalidMembershipConfig,
+    Membership,
+    MembershipStatistics,
+    RedisMembership,
+    StaticMembership,
+)
+from ._ring import EmptyRing, InvalidNodeId, InvalidRingConfig, Ring
 
-__all__ = ("graph_key",)
+__all__ = (
+    "EmptyRing",
+    "InvalidMembershipConfig",
+    "InvalidNodeId",
+    "InvalidRingConfig",
+    "Membership",
+    "MembershipStatistics",
+    "RedisMembership",
+    "Ring",
+    "StaticMembership",
+    "graph_key",
+)

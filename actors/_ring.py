@@ -1,0 +1,129 @@
+"""Consistent hashing with virtual nodes: which node owns a root.
+
+Every node places ``vnodes`` points on a 64-bit circle (BLAKE2b of the node id, so every process and
+every machine computes the same ring; Python's ``hash()`` is salted per process and would not). A root
+is hashed to ``probes`` points; each probe's owner is the first virtual node clockwise from it, and the
+probe that lands closest to its virtual node decides (multi-probe consistent hashing, Appleton and
+O'Reilly 2015). With one probe this is the classic ring, whose per-node share varies by about
+``1/sqrt(vnodes)`` (9% at 128 vnodes, so a 10-node ring is more than 15% off the mean for about half
+of all node-name sets); three probes bring the worst node of 10 within about 10% of the mean.
+
+Why moves stay minimal: the owner is ``argmin(score(root, node), node)`` over the nodes, where a
+node's score is the shortest clockwise distance from any probe to one of *its* virtual nodes and
+depends on no other node. Adding a node can therefore only hand roots to that node, and removing
+one only moves the roots it owned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable
+
+__all__ = ("EmptyRing", "InvalidNodeId", "InvalidRingConfig", "Ring")
+
+_SPACE = 1 << 64
+_WORDS_PER_DIGEST = 8  # a 64-byte BLAKE2b digest holds eight 64-bit positions
+MAX_PROBES = _WORDS_PER_DIGEST
+DEFAULT_PROBES = 3
+MAX_VNODES = 4096
+
+
+class EmptyRing(LookupError):
+    """The ring has no nodes, so no root has an owner."""
+
+
+class InvalidNodeId(ValueError):
+    """A node id is not a non-empty ``str``."""
+
+
+class InvalidRingConfig(ValueError):
+    """``vnodes`` or ``probes`` is not an int in its allowed range."""
+
+
+def validate_node_id(node_id: object) -> str:
+    """Return ``node_id`` if it is a non-empty str, else raise `InvalidNodeId`."""
+    if not isinstance(node_id, str) or not node_id:
+        raise InvalidNodeId(f"a node id must be a non-empty str, got {node_id!r}")
+    return node_id
+
+
+def _validate_count(name: str, value: object, upper: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise InvalidRingConfig(f"{name} must be an int in 1..{upper}, got {value!r}")
+    return value
+
+
+def _words(data: bytes, count: int) -> list[int]:
+    """``count`` 64-bit positions drawn from one BLAKE2b digest of ``data``."""
+    digest = hashlib.blake2b(data, digest_size=8 * count).digest()
+    return [int.from_bytes(digest[i : i + 8], "big") for i in range(0, 8 * count, 8)]
+
+
+def _vnode_positions(node_id: str, vnodes: int) -> list[int]:
+    encoded = node_id.encode()
+    positions: list[int] = []
+    for block in range(0, vnodes, _WORDS_PER_DIGEST):
+        count = min(_WORDS_PER_DIGEST, vnodes - block)
+        positions += _words(b"%d\x00%s" % (block, encoded), count)
+    return positions
+
+
+class Ring:
+    """An immutable consistent-hash ring over ``nodes``: ``Ring(["a", "b", "c"]).owner("root-1")``."""
+
+    __slots__ = ("_names", "_nodes", "_owners", "_points", "_probes", "_vnodes")
+
+    def __init__(self, nodes: Iterable[str], *, vnodes: int = 128, probes: int = DEFAULT_PROBES) -> None:
+        self._vnodes = _validate_count("vnodes", vnodes, MAX_VNODES)
+        self._probes = _validate_count("probes", probes, MAX_PROBES)
+        self._nodes = frozenset(validate_node_id(node) for node in nodes)
+        self._names = tuple(sorted(self._nodes))
+        placed = sorted(
+            (position, index)
+            for index, name in enumerate(self._names)
+            for position in _vnode_positions(name, self._vnodes)
+        )
+        # Two flat typed arrays instead of a list of tuples: 12 bytes per virtual node, not about 100.
+        self._points = array("Q", [position for position, _ in placed])
+        self._owners = array("L", [index for _, index in placed])
+
+    @property
+    def nodes(self) -> frozenset[str]:
+        """The node ids on the ring."""
+        return self._nodes
+
+    @property
+    def vnodes(self) -> int:
+        """Virtual nodes per node."""
+        return self._vnodes
+
+    @property
+    def probes(self) -> int:
+        """Hash probes per lookup (1 = the classic ring)."""
+        return self._probes
+
+    def owner(self, root_id: str) -> str:
+        """The node that owns ``root_id``; `EmptyRing` if the ring has no nodes."""
+        if not self._names:
+            raise EmptyRing(f"no node owns {root_id!r}: the ring is empty")
+        points = self._points
+        size = len(points)
+        best: tuple[int, str] | None = None
+        for probe in _words(root_id.encode(), self._probes):
+            slot = bisect_left(points, probe)
+            distance = (points[slot] if slot < size else points[0] + _SPACE) - probe
+            candidate = (distance, self._names[self._owners[slot % size]])
+            if best is None or candidate < best:
+                best = candidate
+        assert best is not None  # probes >= 1
+        return best[1]
+
+    def owns(self, node_id: str, root_id: str) -> bool:
+        """Whether ``node_id`` owns ``root_id`` (False on an empty ring)."""
+        return bool(self._names) and self.owner(root_id) == node_id
+
+    def __repr__(self) -> str:
+        extra = "" if self._probes == DEFAULT_PROBES else f" probes={self._probes}"
+        return f"<Ring nodes={len(self._names)} vnodes={self._vnodes}{extra}>"
