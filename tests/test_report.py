@@ -1,0 +1,209 @@
+"""Reports: the readable check, the compare table, JSON, the PNG chart and ``run.py check``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from harness import (
+    CheckReport,
+    Event,
+    HistoryWriter,
+    StrategyResult,
+    Violation,
+    check,
+    format_report,
+    format_table,
+    graph_hash,
+    write_chart,
+    write_json,
+)
+from harness import _check_cli as check_cli
+from storage import Graph, Node, Upsert
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def a_report(**changes: object) -> CheckReport:
+    base = CheckReport(
+        reads=120,
+        writes=40,
+        roots=2,
+        regressions=0,
+        torn=0,
+        unjudged=0,
+        stale=0,
+        absent_at_end=0,
+        lag_p50=0.0012,
+        lag_p95=0.0101,
+        lag_p99=0.0505,
+        visible_within={"10ms": 0.9, "100ms": 1.0, "1s": 1.0},
+        examples=[],
+    )
+    return msgspec.structs.replace(base, **changes)
+
+
+def a_result(strategy: str, **changes: object) -> StrategyResult:
+    base = StrategyResult(
+        strategy=strategy,
+        updates=1000,
+        seconds=2.0,
+        updates_per_s=500.0,
+        rebuilds=50,
+        rebuilds_per_update=0.05,
+        puts_refused=3,
+        cpu_s_per_1000=0.25,
+        check=a_report(),
+        lags=[0.001, 0.002, 0.004, 0.0],
+    )
+    return msgspec.structs.replace(base, **changes)
+
+
+def test_table_has_a_header_a_rule_and_one_aligned_row_per_strategy() -> None:
+    """Every line of the table is as wide as the rule; each strategy's figures appear in its row."""
+    rows = [
+        a_result("actor"),
+        a_result("naive", updates_per_s=12345.6, check=a_report(regressions=7, torn=2)),
+    ]
+    lines = format_table(rows).splitlines()
+    assert len(lines) == 4
+    header, rule, actor, naive = lines
+    assert header.split()[:3] == ["strategy", "updates", "updates/s"]
+    assert set(rule) == {"-", " "}
+    assert {len(header), len(actor), len(naive)} == {len(rule)}
+    counts = ["actor", "1000", "500", "50", "0.050", "3", "0", "0", "0"]
+    assert actor.split() == [*counts, "1.2ms", "10.1ms", "50.5ms", "0.250"]
+    assert naive.split()[2] == "12346"
+    assert naive.split()[6:8] == ["7", "2"]
+
+
+def test_table_shows_a_dash_for_a_missing_lag() -> None:
+    """A strategy whose commits were never seen has no percentiles: shown as '-'."""
+    row = format_table([a_result("none", check=a_report(lag_p50=None, lag_p95=None, lag_p99=None))])
+    assert row.splitlines()[2].split()[9:12] == ["-", "-", "-"]
+
+
+def test_format_report_names_the_verdict_and_each_example() -> None:
+    """A failed check says FAIL and prints each example with its kind and root."""
+    example = Violation("G1", "root-7", "reader-2 read v3 after reader-1's read of v5 had ended")
+    text = format_report(a_report(regressions=1, examples=[example]), title="naive")
+    assert text.startswith("naive: FAIL")
+    assert "G1 regressions  1" in text
+    assert "[G1] root 'root-7': reader-2 read v3 after reader-1's read of v5 had ended" in text
+
+
+def test_format_report_passes_a_clean_check() -> None:
+    """A clean check says PASS and shows the visibility shares."""
+    text = format_report(a_report())
+    assert text.startswith("consistency check: PASS")
+    assert "90.0% within 10ms" in text
+
+
+def test_write_json_round_trips_a_strategy_result(tmp_path: Path) -> None:
+    """The JSON file decodes back into the same StrategyResults."""
+    results = [a_result("actor"), a_result("cas", check=a_report(examples=[Violation("G3", "r", "stale")]))]
+    path = tmp_path / "report.json"
+    write_json(path, {"results": results})
+    decoded = msgspec.json.decode(path.read_bytes(), type=dict[str, list[StrategyResult]])
+    assert decoded == {"results": results}
+
+
+def test_write_chart_writes_a_png(tmp_path: Path) -> None:
+    """The chart is a PNG file drawn with matplotlib's Agg renderer, also for a strategy with no lags."""
+    path = tmp_path / "report.png"
+    write_chart(path, [a_result("actor"), a_result("none", lags=[], rebuilds_per_update=0.0)])
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_write_chart_without_any_lag_still_writes_a_png(tmp_path: Path) -> None:
+    """No lag data at all (e.g. only the 'none' strategy) still gives a chart."""
+    path = tmp_path / "empty.png"
+    write_chart(path, [a_result("none", lags=[])])
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+# ---- run.py check ---------------------------------------------------------------------------------
+
+
+def record(path: Path, events: list[Event]) -> Path:
+    with HistoryWriter(path) as writer:
+        for event in events:
+            writer.record(event)
+    return path
+
+
+def history(*, regress: bool) -> list[Event]:
+    """One root at v1 then v2; a reader sees v2, then (if ``regress``) v1 again."""
+    root = {"r": Node("r", None, {}, 1)}
+    child = {**root, "a": Node("a", "r", {"n": 1}, 1)}
+    h1, h2 = graph_hash(Graph("r", 1, root)), graph_hash(Graph("r", 2, child))
+    ops1 = msgspec.to_builtins([Upsert("r", None, {})])
+    ops2 = msgspec.to_builtins([Upsert("a", "r", {"n": 1})])
+    events = [
+        Event("setup", "ok", "create", "r", 0.0, version=1, hash=h1, ops=ops1),
+        Event("w", "invoke", "write", "r", 1.0),
+        Event("w", "ok", "write", "r", 1.1, version=2, ops=ops2),
+        Event("reader", "invoke", "read", "r", 1.2),
+        Event("reader", "ok", "read", "r", 1.3, version=2, hash=h2),
+        Event("reader", "invoke", "read", "r", 1.4),
+        Event("reader", "ok", "read", "r", 1.5, version=1 if regress else 2, hash=h1 if regress else h2),
+    ]
+    return events
+
+
+def run_check(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    check_cli.add_arguments(parser)
+    return check_cli.run(parser.parse_args(argv))
+
+
+def test_cli_exits_0_on_a_clean_history_split_over_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Histories from several processes are merged; a clean one exits 0 and says PASS."""
+    events = history(regress=False)
+    writer_file = record(tmp_path / "writer.jsonl", [e for e in events if e.process != "reader"])
+    reader_file = record(tmp_path / "reader.jsonl", [e for e in events if e.process == "reader"])
+    assert run_check(str(writer_file), str(reader_file)) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_cli_exits_1_on_a_violation_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A regression exits 1, prints its example, and --json writes the same report."""
+    path = record(tmp_path / "h.jsonl", history(regress=True))
+    out = tmp_path / "check.json"
+    assert run_check(str(path), "--json", str(out)) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL" in printed
+    assert "[G1] root 'r'" in printed
+    written = msgspec.json.decode(out.read_bytes(), type=CheckReport)
+    assert written == check(history(regress=True))
+    assert json.loads(out.read_text())["regressions"] == 1
+
+
+def test_cli_names_the_malformed_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A line that is not an event exits 2 with the file and line number."""
+    path = record(tmp_path / "h.jsonl", history(regress=False)[:2])
+    with path.open("a") as f:
+        f.write('{"process": "w", "type": "ok"}\n')
+    assert run_check(str(path)) == 2
+    assert f"{path}:3: not a history event" in capsys.readouterr().err
+
+
+def test_cli_reports_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing history exits 2 and names the file."""
+    missing = tmp_path / "nope.jsonl"
+    assert run_check(str(missing)) == 2
+    assert f"cannot read history: {missing}" in capsys.readouterr().err
+
+
+def test_cli_refuses_negative_examples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--examples below zero exits 2 before reading anything."""
+    assert run_check(str(tmp_path / "never-read.jsonl"), "--examples", "-1") == 2
+    assert "--examples must be >= 0" in capsys.readouterr().err
