@@ -1,5 +1,7 @@
 """graphcache.actors: mailbox actors, the consistent-hash ring, membership and the Node."""
 
+from ._actor import RootActor
+from ._errors import ActorDead, ActorError, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
 from ._keys import graph_key
 from ._membership import (
     InvalidMembershipConfig,

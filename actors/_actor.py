@@ -1,0 +1,317 @@
+"""``RootActor``: one root's mailbox actor, which rebuilds that root's cached graph.
+
+The mailbox is a wake-up, not the state. ``tell`` records the newest version asked for (and a refresh or
+stop request) on the actor at once, then drops a message into the bounded mailbox; when the mailbox is
+full a wake-up is already queued, so nothing is lost and the feed consumer never blocks. The loop drains
+everything queued, rebuilds once for the newest version (one store snapshot, one versioned put) and
+repeats while newer versions arrived meanwhile: a burst of N notifications during one rebuild costs at
+most one more rebuild (G4). Safety does not depend on the actor: ``put_if_newer`` keeps the newest graph
+whoever writes it, so a refused put (someone cached a newer one) is success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio import WouldBlock
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+
+from cache import CacheUnavailable, VersionedCache
+from storage import GraphStore, StoreUnavailable
+
+from ._errors import ActorDead, InvalidArgument
+from ._keys import graph_key
+from ._messages import Changed, Message, Refresh, Stop
+from ._stats import ActorStatistics, Counters
+from ._validate import check_positive, check_root_id, check_version
+
+__all__ = ("RootActor",)
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    StoreUnavailable,
+    CacheUnavailable,
+    OSError,
+    TimeoutError,
+)
+"""Failures worth retrying: the backend may come back. Anything else is given up (and logged)."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+class RootActor:
+    """Keeps one root's cached graph at the newest version it has been told about.
+
+    Run it with ``await task_group.start(actor.run)``; feed it with ``tell``. It passivates (returns from
+    ``run``) after ``idle_timeout`` seconds without work, and stops on ``Stop()``; a stopped actor refuses
+    messages and wakes every ``until_built`` waiter with ``ActorDead``.
+    """
+
+    def __init__(
+        self,
+        root_id: str,
+        *,
+        store: GraphStore,
+        cache: VersionedCache,
+        counters: Counters | None = None,
+        mailbox_size: int = 16,
+        idle_timeout: float = 30.0,
+        built: int = 0,
+        retry_initial: float = 0.05,
+        retry_max: float = 5.0,
+    ) -> None:
+        self.root_id = check_root_id(root_id)
+        if isinstance(mailbox_size, bool) or not isinstance(mailbox_size, int) or mailbox_size < 1:
+            raise InvalidArgument(f"mailbox_size must be an int >= 1, got {mailbox_size!r}")
+        self._idle_timeout = check_positive(idle_timeout, name="idle_timeout")
+        self._retry_initial = check_positive(retry_initial, name="retry_initial")
+        self._retry_max = check_positive(retry_max, name="retry_max")
+        self._store = store
+        self._cache = cache
+        self._key = graph_key(root_id)
+        self._counters = counters if counters is not None else Counters()
+        self._send, self._receive = anyio.create_memory_object_stream[Message](mailbox_size)
+        self._built = check_version(built, name="built")
+        self._wanted = self._built
+        self._pending = 0  # notifications not yet accounted as a rebuild or as coalesced
+        self._pending_since: float | None = None  # commit time of the oldest uncached notification
+        self._refresh = False
+        self._stop = False
+        self._alive = True
+        self._started = False
+        self._closed = False
+        self._failing = False
+        self._progress = anyio.Event()  # set (and replaced) whenever ``built`` rises or the actor dies
+        self._notifications = 0
+        self._coalesced = 0
+        self._rebuilds = 0
+        self._failures = 0
+
+    # -- the outside ---------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """False once the actor has passivated or stopped; it then refuses messages."""
+        return self._alive
+
+    @property
+    def built(self) -> int:
+        """The newest version this actor has put (or found newer) in the cache."""
+        return self._built
+
+    @property
+    def wanted(self) -> int:
+        """The newest version this actor has been told about."""
+        return self._wanted
+
+    def tell(self, message: Message) -> None:
+        """Deliver ``message`` without waiting (fire and forget); ``ActorDead`` if the actor has stopped."""
+        if not self._alive:
+            raise ActorDead(f"actor of {self.root_id!r} has stopped")
+        match message:
+            case Changed(root_id=root_id, version=version, committed_at=committed_at):
+                self._check_root(root_id)
+                self._note_version(check_version(version), committed_at)
+            case Refresh(root_id=root_id):
+                self._check_root(root_id)
+                self._refresh = True
+            case Stop():
+                self._stop = True
+        # When the mailbox is full a wake-up is already queued, and the state above carries the rest.
+        with contextlib.suppress(WouldBlock):
+            self._send.send_nowait(message)
+
+    async def until_built(self, version: int) -> None:
+        """Wait until this actor has cached ``version`` or newer; ``ActorDead`` if it stops first."""
+        version = check_version(version)
+        while self._built < version:
+            if not self._alive:
+                raise ActorDead(f"actor of {self.root_id!r} stopped at version {self._built} < {version}")
+            await self._progress.wait()
+
+    def close(self) -> None:
+        """Stop at once: refuse messages, drain the mailbox, wake waiters. Idempotent.
+
+        ``run`` does this when it ends; the owner calls it for an actor whose task never got to run.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._alive = False
+        self._send.close()
+        while True:
+            try:
+                self._receive.receive_nowait()
+            except (WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+        self._receive.close()
+        self._wake_waiters()
+
+    def statistics(self) -> ActorStatistics:
+        return ActorStatistics(
+            root_id=self.root_id,
+            alive=self._alive,
+            built=self._built,
+            wanted=self._wanted,
+            mailbox_depth=self._send.statistics().current_buffer_used if self._alive else 0,
+            notifications=self._notifications,
+            coalesced=self._coalesced,
+            rebuilds=self._rebuilds,
+            failures=self._failures,
+            failing=self._failing,
+        )
+
+    def __repr__(self) -> str:
+        state = ("failing" if self._failing else "alive") if self._alive else "stopped"
+        depth = self._send.statistics().current_buffer_used if self._alive else 0
+        size = self._send.statistics().max_buffer_size
+        return (
+            f"<RootActor {self.root_id!r} [{state} | built: {self._built}, wanted: {self._wanted} | "
+            f"mailbox: {depth}/{size} | rebuilds: {self._rebuilds}, coalesced: {self._coalesced}]>"
+        )
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve the mailbox until idle for ``idle_timeout``, told ``Stop()`` or cancelled."""
+        if self._started:
+            raise RuntimeError(f"actor of {self.root_id!r} runs only once")
+        self._started = True
+        task_status.started()
+        try:
+            while await self._next_work():
+                await self._catch_up()
+        finally:
+            self.close()
+
+    async def _next_work(self) -> bool:
+        """Wait for work; False means stop (told to, or idle with nothing to do: passivate)."""
+        while not self._has_work():
+            with anyio.move_on_after(self._idle_timeout) as idle:
+                await self._receive.receive()
+            # No await from here to ``close``: no ``tell`` can slip between this check and passivation.
+            if idle.cancelled_caught and not self._has_work():
+                return False
+        self._drain()
+        return not self._stop
+
+    def _has_work(self) -> bool:
+        return self._stop or self._refresh or self._pending > 0 or self._wanted > self._built
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._receive.receive_nowait()
+            except WouldBlock:
+                return
+
+    async def _catch_up(self) -> None:
+        """Rebuild until nothing newer than ``built`` was asked for (checking for a stop in between)."""
+        while not self._stop and self._has_work():
+            self._drain()
+            pending, self._pending = self._pending, 0
+            if self._wanted <= self._built and not self._refresh:
+                self._coalesce(pending)  # a rebuild already covered them
+                continue
+            self._refresh = False
+            self._coalesce(max(pending - 1, 0))
+            since, self._pending_since = self._pending_since, None
+            await self._rebuild(self._wanted, since)
+
+    async def _rebuild(self, target: int, since: float | None) -> None:
+        retrying = AsyncRetrying(
+            wait=wait_random_exponential(multiplier=self._retry_initial, max=self._retry_max),
+            retry=retry_if_exception(_is_transient),
+            before_sleep=self._on_retry,
+            sleep=anyio.sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._rebuild_once(target, since)
+        except Exception as exc:  # broad on purpose: a failing root must never take the node down
+            self._give_up(target, exc)
+        finally:
+            self._failing = False
+
+    async def _rebuild_once(self, target: int, since: float | None) -> None:
+        started = time.monotonic()
+        graph = await self._store.load(self.root_id)
+        stored = await self._cache.put_if_newer(self._key, graph, graph.version)
+        self._counters.rebuild_seconds.observe(time.monotonic() - started)
+        self._rebuilds += 1
+        self._counters.rebuilds += 1
+        if stored:
+            self._counters.puts_stored += 1
+        else:
+            self._counters.puts_refused += 1  # someone cached this version or a newer one: also success
+        if since:
+            self._counters.lag.observe(max(0.0, time.time() - since))
+        if graph.version < target:
+            logger.warning(
+                "store returned %r at version %d, older than the announced %d",
+                self.root_id,
+                graph.version,
+                target,
+            )
+        self._set_built(max(graph.version, target))
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def _check_root(self, root_id: str) -> None:
+        if root_id != self.root_id:
+            raise InvalidArgument(f"message for {root_id!r} told to the actor of {self.root_id!r}")
+
+    def _note_version(self, version: int, committed_at: float) -> None:
+        self._notifications += 1
+        self._counters.notifications += 1
+        if version <= max(self._wanted, self._built):
+            self._coalesce(1)  # a duplicate or an old version costs nothing
+            return
+        self._wanted = version
+        self._pending += 1
+        if self._pending_since is None and committed_at > 0 and math.isfinite(committed_at):
+            self._pending_since = committed_at
+
+    def _coalesce(self, count: int) -> None:
+        self._coalesced += count
+        self._counters.coalesced += count
+
+    def _set_built(self, version: int) -> None:
+        if version > self._built:
+            self._built = version
+            self._wanted = max(self._wanted, version)
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    def _on_retry(self, state: RetryCallState) -> None:
+        self._failing = True
+        self._failures += 1
+        self._counters.failures += 1
+        exc: Any = state.outcome.exception() if state.outcome is not None else None
+        logger.warning(
+            "rebuild of %r failed (attempt %d), retrying in %.2fs: %r",
+            self.root_id,
+            state.attempt_number,
+            state.upcoming_sleep,
+            exc,
+        )
+
+    def _give_up(self, target: int, exc: Exception) -> None:
+        self._failures += 1
+        self._counters.failures += 1
+        logger.error("rebuild of %r for version %d given up: %r", self.root_id, target, exc, exc_info=exc)
+        self._wanted = self._built  # a permanent error: do not spin; the next notification tries again

@@ -1,0 +1,554 @@
+"""``Node``: one process's share of the cluster. It follows the change feed, routes each change it owns
+to that root's actor, and serves reads from the cache with a single-flight read-through.
+
+Handing roots over without losing a notification
+------------------------------------------------
+Ownership comes from a ``Ring`` over the membership's view and changes when the view does. Two rules
+make a hand-over lose nothing (duplicates are harmless: actors skip versions they built, and the cache's
+versioned put keeps the newest):
+
+* Gaining roots (a member left or died): the node re-reads the feed from a checkpoint taken at least
+  ``handoff`` seconds before the view changed. A dead member stops heartbeating at t0 and drops out of
+  the view at about t0 + ttl, so with ``handoff`` >= ttl + heartbeat every change the dead member might
+  not have cached is read again by its successor. Checkpoints are ``(monotonic time, feed cursor)`` pairs
+  taken at most every ``checkpoint_interval`` seconds and pruned beyond ``handoff``; a view change within
+  ``handoff`` of start-up re-reads the feed from ``feed_after`` (0, the oldest retained change, when not
+  given).
+* Losing roots (a member joined): the node keeps serving the roots it owned under the previous view for
+  ``handoff`` seconds more, so the joiner (which joins before it follows the feed) overlaps with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import anyio
+import anyio.abc
+import msgspec
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+
+from cache import CacheError, VersionedCache
+from storage import Change, Graph, GraphStore, Op
+
+from ._actor import RootActor, _is_transient
+from ._errors import ActorDead, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
+from ._keys import graph_key
+from ._membership import Membership, StaticMembership
+from ._messages import Changed, Message, Refresh, Stop
+from ._ring import Ring, validate_node_id
+from ._stats import Counters, NodeStatistics
+from ._validate import check_positive, check_root_id, check_version
+
+__all__ = ("Consistency", "Node")
+
+logger = logging.getLogger(__name__)
+
+Consistency = Literal["bounded", "strict"]
+_CONSISTENCIES = ("bounded", "strict")
+_MAX_RELOADS = 3  # read-through reloads when an invalidation floor refuses the graph just loaded
+
+
+class _Flight:
+    """One read-through load that any number of readers of the same root wait on."""
+
+    __slots__ = ("done", "error", "graph", "seq")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.done = anyio.Event()
+        self.graph: Graph | None = None
+        self.error: BaseException | None = None
+
+
+@contextlib.asynccontextmanager
+async def _closing(iterator: AsyncIterator[Any]) -> AsyncIterator[AsyncIterator[Any]]:
+    """Close an async iterator (a feed, a views generator) however the block ends."""
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            with anyio.CancelScope(shield=True):
+                await close()
+
+
+class Node:
+    """A member of the cache cluster; use it as ``async with Node(store=..., cache=..., node_id=...)``."""
+
+    def __init__(
+        self,
+        *,
+        store: GraphStore,
+        cache: VersionedCache,
+        node_id: str,
+        membership: Membership | None = None,
+        consistency: Consistency = "bounded",
+        idle_timeout: float = 30.0,
+        mailbox_size: int = 16,
+        handoff: float = 10.0,
+        feed_after: int | None = None,
+        remember_roots: int = 100_000,
+        retry_initial: float = 0.05,
+        retry_max: float = 5.0,
+        shutdown_timeout: float = 5.0,
+        checkpoint_interval: float = 0.5,
+    ) -> None:
+        self.node_id = _check_node_id(node_id)
+        if consistency not in _CONSISTENCIES:
+            raise InvalidArgument(f"consistency must be one of {_CONSISTENCIES}, got {consistency!r}")
+        self._store = store
+        self._cache = cache
+        self._membership: Membership = membership if membership is not None else StaticMembership([node_id])
+        self._strict = consistency == "strict"
+        self._actor_options: dict[str, Any] = {
+            "mailbox_size": _check_count(mailbox_size, name="mailbox_size"),
+            "idle_timeout": check_positive(idle_timeout, name="idle_timeout"),
+            "retry_initial": check_positive(retry_initial, name="retry_initial"),
+            "retry_max": check_positive(retry_max, name="retry_max"),
+        }
+        self._handoff = check_positive(handoff, name="handoff", allow_zero=True)
+        self._feed_after = None if feed_after is None else check_version(feed_after, name="feed_after")
+        self._remember_limit = _check_count(remember_roots, name="remember_roots", low=0)
+        self._shutdown_timeout = check_positive(shutdown_timeout, name="shutdown_timeout")
+        self._checkpoint_interval = check_positive(checkpoint_interval, name="checkpoint_interval")
+        self._counters = Counters()
+        self._actors: dict[str, RootActor] = {}
+        self._remembered: dict[str, int] = {}  # built version of passivated roots (oldest first)
+        self._flights: dict[str, _Flight] = {}
+        self._flight_seq = 0
+        self._members: frozenset[str] = frozenset()
+        self._ring = Ring([self.node_id])
+        self._previous_ring: Ring | None = None
+        self._previous_until = 0.0
+        self._checkpoints: deque[tuple[float, int]] = deque()
+        self._rewind_to: int | None = None
+        self._pass_scope: anyio.CancelScope | None = None
+        self._background: list[anyio.CancelScope] = []  # the feed follower's and the view watcher's
+        self._actors_gone = anyio.Event()
+        self._work: anyio.abc.TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._running = False
+        self._ignored = 0
+        self._reads = 0
+        self._read_hits = 0
+        self._read_loads = 0
+        self._rewinds = 0
+
+    # -- life cycle ----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError(f"{self!r} is already running")
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await self._start(stack)
+        except BaseException as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        service = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(service.cancel_scope.cancel)  # leaves the membership last, after the actors
+        await service.start(self._membership.run, self.node_id)
+        stack.callback(self._close_leftover_actors)  # runs after the work task group has ended
+        self._work = await stack.enter_async_context(anyio.create_task_group())
+        stack.push_async_callback(self._wind_down)  # runs first: stop intake, let rebuilds finish
+        self._apply_view(self._membership.members())
+        self._running = True
+        await self._work.start(self._watch_views)
+        await self._work.start(self._follow_feed)
+        logger.info("node %s started: %r", self.node_id, self)
+
+    async def _wind_down(self) -> None:
+        """Stop taking work, let in-flight rebuilds finish (up to ``shutdown_timeout``), then cancel."""
+        self._running = False
+        for scope in self._background:
+            scope.cancel()
+        for actor in list(self._actors.values()):
+            _tell_quietly(actor, Stop())
+        with anyio.move_on_after(self._shutdown_timeout, shield=True):
+            while self._actors:
+                await self._actors_gone.wait()
+        if self._actors:
+            logger.warning("node %s: abandoning %d rebuilds at shutdown", self.node_id, len(self._actors))
+        if self._work is not None:
+            self._work.cancel_scope.cancel()
+
+    def _close_leftover_actors(self) -> None:
+        """Close actors whose task was cancelled before it ever ran (their mailbox would leak)."""
+        for actor in self._actors.values():
+            actor.close()
+        self._actors.clear()
+        logger.info("node %s stopped: %r", self.node_id, self)
+
+    def _task_group(self) -> anyio.abc.TaskGroup:
+        if not self._running or self._work is None:
+            raise NodeNotRunning(f"node {self.node_id!r} is not running: use it inside 'async with'")
+        return self._work
+
+    # -- the public API ------------------------------------------------------------------------------
+
+    def owns(self, root_id: str) -> bool:
+        """Whether this node rebuilds ``root_id`` (its ring says so, or did until ``handoff`` ago)."""
+        if self._ring.owns(self.node_id, root_id):
+            return True
+        previous = self._previous_ring
+        return (
+            previous is not None
+            and time.monotonic() < self._previous_until
+            and previous.owns(self.node_id, root_id)
+        )
+
+    async def get(
+        self,
+        root_id: str,
+        *,
+        min_version: int | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109 (DESIGN.md names it; ReadTimeout says which read)
+    ) -> Graph:
+        """The cached graph of ``root_id``, else read through (one load for concurrent misses).
+
+        With ``min_version`` a cached graph older than it is a miss, and the result is never older;
+        ``VersionNotReached`` if the store itself is older. ``ReadTimeout`` after ``timeout`` seconds.
+        """
+        root_id = check_root_id(root_id)
+        floor = 0 if min_version is None else check_version(min_version, name="min_version")
+        seconds = check_positive(timeout, name="timeout")
+        self._task_group()
+        self._reads += 1
+        with anyio.move_on_after(seconds):
+            return await self._get(root_id, floor)
+        raise ReadTimeout(f"read of {root_id!r} did not finish within {seconds}s") from None
+
+    async def apply(self, root_id: str, ops: Sequence[Op], *, expected_version: int | None = None) -> int:
+        """Commit ``ops`` to the store, then nudge this node's actor if it owns the root."""
+        root_id = check_root_id(root_id)
+        self._task_group()
+        version = await self._store.apply(root_id, ops, expected_version=expected_version)
+        if self.owns(root_id) and self._running:
+            await self._notify(root_id, Changed(root_id, version, time.time()))
+        return version
+
+    def refresh(self, root_id: str) -> None:
+        """Ask this node's actor of ``root_id`` to rebuild it from the store now."""
+        root_id = check_root_id(root_id)
+        self._task_group()
+        self._tell(root_id, Refresh(root_id))
+
+    def actor(self, root_id: str) -> RootActor | None:
+        """The live actor of ``root_id`` on this node, if there is one."""
+        actor = self._actors.get(root_id)
+        return actor if actor is not None and actor.alive else None
+
+    def statistics(self) -> NodeStatistics:
+        actors = [a.statistics() for a in self._actors.values() if a.alive]
+        counters = self._counters
+        return NodeStatistics(
+            node_id=self.node_id,
+            members=len(self._members),
+            actors_alive=len(actors),
+            actors_failing=sum(1 for a in actors if a.failing),
+            mailbox_depth=sum(a.mailbox_depth for a in actors),
+            notifications=counters.notifications,
+            ignored=self._ignored,
+            coalesced=counters.coalesced,
+            rebuilds=counters.rebuilds,
+            puts_stored=counters.puts_stored,
+            puts_refused=counters.puts_refused,
+            failures=counters.failures,
+            reads=self._reads,
+            read_hits=self._read_hits,
+            read_loads=self._read_loads,
+            rewinds=self._rewinds,
+            lag=counters.lag.snapshot(),
+            rebuild_seconds=counters.rebuild_seconds.snapshot(),
+        )
+
+    def __repr__(self) -> str:
+        state = "running" if self._running else "stopped"
+        consistency = "strict" if self._strict else "bounded"
+        c = self._counters
+        return (
+            f"<Node {self.node_id!r} {state} {consistency} [members: {len(self._members)} | "
+            f"actors: {sum(1 for a in self._actors.values() if a.alive)} | "
+            f"notifications: {c.notifications}, coalesced: {c.coalesced}, rebuilds: {c.rebuilds}]>"
+        )
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    async def _get(self, root_id: str, floor: int) -> Graph:
+        ticket = self._flight_seq  # a flight numbered above this one started after this call did
+        cached = await self._cached(root_id, floor)
+        if cached is not None:
+            self._read_hits += 1
+            return cached
+        graph = await self._join(root_id, after=0)
+        if graph.version >= floor:
+            return graph
+        graph = await self._join(root_id, after=ticket)  # the joined load may predate min_version
+        if graph.version >= floor:
+            return graph
+        raise VersionNotReached(root_id, floor, graph.version)
+
+    async def _cached(self, root_id: str, floor: int) -> Graph | None:
+        try:
+            item = await self._cache.get(graph_key(root_id), type=Graph)
+        except (CacheError, msgspec.DecodeError) as exc:
+            logger.warning("cache read of %r failed, reading the store: %r", root_id, exc)
+            return None
+        if item is None or item.version < floor:
+            return None
+        graph: Graph = item.value
+        return graph
+
+    async def _join(self, root_id: str, *, after: int) -> Graph:
+        flight = self._flights.get(root_id)
+        if flight is None or flight.seq <= after:
+            self._flight_seq += 1
+            flight = _Flight(self._flight_seq)
+            self._flights[root_id] = flight
+            self._task_group().start_soon(self._fly, root_id, flight)
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.graph is not None
+        return flight.graph
+
+    async def _fly(self, root_id: str, flight: _Flight) -> None:
+        try:
+            flight.graph = await self._read_through(root_id)
+        except Exception as exc:  # broad on purpose: every waiter re-raises it
+            flight.error = exc
+        finally:
+            if self._flights.get(root_id) is flight:
+                del self._flights[root_id]
+            if flight.graph is None and flight.error is None:
+                flight.error = NodeNotRunning(f"node {self.node_id!r} stopped during a read of {root_id!r}")
+            flight.done.set()
+
+    async def _read_through(self, root_id: str) -> Graph:
+        """Load and cache; if the cache holds (or has invalidated to) something newer, return that.
+
+        So a reader that joins this flight never gets a graph older than one the cache already served.
+        """
+        key = graph_key(root_id)
+        for _ in range(_MAX_RELOADS):
+            graph = await self._store.load(root_id)
+            self._read_loads += 1
+            try:
+                if await self._cache.put_if_newer(key, graph, graph.version):
+                    return graph
+                item = await self._cache.get(key, type=Graph)
+            except (CacheError, msgspec.DecodeError) as exc:
+                logger.warning("cache unavailable for %r, serving the store's graph: %r", root_id, exc)
+                return graph
+            if item is not None and item.version >= graph.version:
+                newer: Graph = item.value
+                return newer
+        return graph
+
+    # -- notifications -------------------------------------------------------------------------------
+
+    async def _notify(self, root_id: str, message: Changed) -> None:
+        actor = self._actors.get(root_id)
+        known = 0 if actor is None or not actor.alive else max(actor.built, actor.wanted)
+        if self._strict and message.version > max(known, self._remembered.get(root_id, 0)):
+            await self._invalidate(root_id, message.version - 1)
+        self._tell(root_id, message)
+
+    async def _invalidate(self, root_id: str, version: int) -> None:
+        try:
+            await self._cache.invalidate(graph_key(root_id), version)
+        except CacheError as exc:
+            logger.warning("strict invalidation of %r at %d failed: %r", root_id, version, exc)
+
+    def _tell(self, root_id: str, message: Message) -> None:
+        actor = self._actors.get(root_id)
+        if actor is None or not actor.alive:
+            actor = self._spawn(root_id, previous=actor)
+        actor.tell(message)
+
+    def _spawn(self, root_id: str, *, previous: RootActor | None) -> RootActor:
+        built = self._remembered.pop(root_id, 0)
+        if previous is not None:
+            built = max(built, previous.built)
+        actor = RootActor(
+            root_id,
+            store=self._store,
+            cache=self._cache,
+            counters=self._counters,
+            built=built,
+            **self._actor_options,
+        )
+        self._actors[root_id] = actor
+        self._task_group().start_soon(self._run_actor, actor, name=f"actor {root_id!r}")
+        return actor
+
+    async def _run_actor(self, actor: RootActor) -> None:
+        try:
+            await actor.run()
+        finally:
+            actor.close()
+            if self._actors.get(actor.root_id) is actor:
+                del self._actors[actor.root_id]
+                self._remember(actor.root_id, actor.built)
+            if not self._actors:
+                self._actors_gone.set()
+                self._actors_gone = anyio.Event()
+
+    def _remember(self, root_id: str, built: int) -> None:
+        if self._remember_limit == 0 or built == 0:
+            return
+        self._remembered[root_id] = built
+        while len(self._remembered) > self._remember_limit:
+            del self._remembered[next(iter(self._remembered))]
+
+    # -- membership ----------------------------------------------------------------------------------
+
+    async def _watch_views(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            self._background.append(scope)
+            task_status.started()
+            async with _closing(self._membership.views()) as views:
+                async for view in views:
+                    self._apply_view(view)
+
+    def _apply_view(self, view: frozenset[str]) -> None:
+        if not view:
+            logger.warning("node %s: empty membership view, owning every root meanwhile", self.node_id)
+            view = frozenset([self.node_id])
+        if view == self._members:
+            return
+        lost = self._members - view
+        if self._members:
+            self._previous_ring = self._ring
+            self._previous_until = time.monotonic() + self._handoff
+        self._members = view
+        self._ring = Ring(view)
+        logger.info("node %s: view %s (gone: %s)", self.node_id, sorted(view), sorted(lost))
+        if lost:
+            self._request_rewind()
+
+    def _request_rewind(self) -> None:
+        cutoff = time.monotonic() - self._handoff
+        cursor = self._checkpoints[0][1] if self._checkpoints else self._start_cursor()
+        for at, checkpoint in self._checkpoints:
+            if at > cutoff:
+                break
+            cursor = checkpoint
+        self._rewind_to = cursor if self._rewind_to is None else min(self._rewind_to, cursor)
+        if self._pass_scope is not None:
+            self._pass_scope.cancel()
+
+    def _start_cursor(self) -> int:
+        return self._feed_after if self._feed_after is not None else 0
+
+    # -- the change feed -----------------------------------------------------------------------------
+
+    async def _follow_feed(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow the feed until the node stops; resume after errors, re-read after a view change."""
+        with anyio.CancelScope() as scope:
+            self._background.append(scope)
+            cursor = self._feed_after
+            started = False
+            retrying = AsyncRetrying(
+                wait=wait_random_exponential(multiplier=0.05, max=2.0),
+                retry=retry_if_exception(_is_transient),
+                before_sleep=self._log_feed_retry,
+                sleep=anyio.sleep,
+            )
+            while True:
+                feed = self._store.changes(after=cursor)
+                if not started:  # the feed has fixed its starting point: changes from now on are seen
+                    started = True
+                    self._checkpoints.append(
+                        (time.monotonic(), self._start_cursor() if cursor is None else cursor)
+                    )
+                    task_status.started()
+                cursor = await self._one_pass(feed, cursor, retrying)
+                if self._rewind_to is None:
+                    logger.info("node %s: the change feed ended", self.node_id)
+                    return
+                cursor, self._rewind_to = self._rewind_to, None
+                self._rewinds += 1
+                logger.info("node %s: re-reading the change feed after cursor %d", self.node_id, cursor)
+
+    async def _one_pass(
+        self, feed: AsyncIterator[Change], cursor: int | None, retrying: AsyncRetrying
+    ) -> int | None:
+        """Follow ``feed`` until it ends or a rewind is requested; return the last cursor seen."""
+        with anyio.CancelScope() as scope:
+            self._pass_scope = scope
+            async for attempt in retrying.copy():
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        feed = self._store.changes(after=cursor)
+                    async with _closing(feed):
+                        async for change in feed:
+                            self._checkpoint(cursor)
+                            await self._route(change)
+                            cursor = change.cursor
+        self._pass_scope = None
+        return cursor
+
+    async def _route(self, change: Change) -> None:
+        if not self.owns(change.root_id):
+            self._ignored += 1
+            return
+        await self._notify(change.root_id, Changed(change.root_id, change.version, change.committed_at))
+
+    def _checkpoint(self, cursor: int | None) -> None:
+        """Remember that every change from now on comes after ``cursor``; keep ``handoff`` seconds' worth."""
+        if cursor is None:
+            return
+        now = time.monotonic()
+        if self._checkpoints and now - self._checkpoints[-1][0] < self._checkpoint_interval:
+            return
+        self._checkpoints.append((now, cursor))
+        horizon = now - self._handoff - 2 * self._checkpoint_interval
+        while len(self._checkpoints) > 1 and self._checkpoints[1][0] <= horizon:
+            self._checkpoints.popleft()
+
+    def _log_feed_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        logger.warning(
+            "node %s: change feed failed, resuming in %.2fs: %r", self.node_id, state.upcoming_sleep, exc
+        )
+
+
+def _tell_quietly(actor: RootActor, message: Message) -> None:
+    with contextlib.suppress(ActorDead):
+        actor.tell(message)
+
+
+def _check_node_id(node_id: object) -> str:
+    try:
+        return validate_node_id(node_id)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+def _check_count(value: object, *, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
+    return value

@@ -1,0 +1,119 @@
+"""Live counters shared by a Node and its actors, and the NamedTuples ``statistics()`` returns."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import NamedTuple
+
+__all__ = ("ActorStatistics", "Counters", "Histogram", "HistogramSnapshot", "NodeStatistics")
+
+# Seconds; the same bounds Prometheus clients use by default, plus finer ones under 5 ms.
+DEFAULT_BOUNDS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class HistogramSnapshot(NamedTuple):
+    """Cumulative counts per upper bound (``+Inf`` last), as Prometheus exposes a histogram."""
+
+    bounds: tuple[float, ...]
+    cumulative: tuple[int, ...]
+    samples: int
+    total: float
+
+    def quantile(self, q: float) -> float:
+        """The smallest bucket bound under which at least ``q`` of the samples fall (nan if empty)."""
+        if self.samples == 0:
+            return math.nan
+        wanted = q * self.samples
+        for bound, seen in zip(self.bounds, self.cumulative, strict=True):
+            if seen >= wanted:
+                return bound
+        return math.inf
+
+
+class Histogram:
+    """A fixed-bucket histogram of seconds; ``observe`` is O(log buckets)."""
+
+    __slots__ = ("_bounds", "_counts", "_total")
+
+    def __init__(self, bounds: tuple[float, ...] = DEFAULT_BOUNDS) -> None:
+        self._bounds = (*bounds, math.inf)
+        self._counts = [0] * len(self._bounds)
+        self._total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, seconds)] += 1
+        self._total += seconds
+
+    def snapshot(self) -> HistogramSnapshot:
+        cumulative: list[int] = []
+        running = 0
+        for count in self._counts:
+            running += count
+            cumulative.append(running)
+        return HistogramSnapshot(self._bounds, tuple(cumulative), running, self._total)
+
+
+class Counters:
+    """What every actor of one node adds to; the node reads it for ``statistics()``."""
+
+    __slots__ = (
+        "coalesced",
+        "failures",
+        "lag",
+        "notifications",
+        "puts_refused",
+        "puts_stored",
+        "rebuild_seconds",
+        "rebuilds",
+    )
+
+    def __init__(self) -> None:
+        self.notifications = 0
+        self.coalesced = 0
+        self.rebuilds = 0
+        self.puts_stored = 0
+        self.puts_refused = 0
+        self.failures = 0
+        self.lag = Histogram()
+        self.rebuild_seconds = Histogram()
+
+
+class ActorStatistics(NamedTuple):
+    """One actor's live state. ``notifications == coalesced + rebuilds caused by notifications``."""
+
+    root_id: str
+    alive: bool
+    built: int
+    wanted: int
+    mailbox_depth: int
+    notifications: int
+    coalesced: int
+    rebuilds: int
+    failures: int
+    failing: bool
+
+
+class NodeStatistics(NamedTuple):
+    """A node's live state and its counters since it started."""
+
+    node_id: str
+    members: int
+    actors_alive: int
+    actors_failing: int
+    mailbox_depth: int
+    notifications: int
+    ignored: int
+    coalesced: int
+    rebuilds: int
+    puts_stored: int
+    puts_refused: int
+    failures: int
+    reads: int
+    read_hits: int
+    read_loads: int
+    rewinds: int
+    lag: HistogramSnapshot
+    rebuild_seconds: HistogramSnapshot
