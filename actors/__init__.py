@@ -10,17 +10,36 @@ from ._membership import (
     RedisMembership,
     StaticMembership,
 )
+from ._messages import Changed, Message, Refresh, Stop
+from ._node import Consistency, Node
 from ._ring import EmptyRing, InvalidNodeId, InvalidRingConfig, Ring
+from ._stats import ActorStatistics, HistogramSnapshot, NodeStatistics
 
 __all__ = (
+    "ActorDead",
+    "ActorError",
+    "ActorStatistics",
+    "Changed",
+    "Consistency",
     "EmptyRing",
+    "HistogramSnapshot",
+    "InvalidArgument",
     "InvalidMembershipConfig",
     "InvalidNodeId",
     "InvalidRingConfig",
     "Membership",
     "MembershipStatistics",
+    "Message",
+    "Node",
+    "NodeNotRunning",
+    "NodeStatistics",
+    "ReadTimeout",
     "RedisMembership",
+    "Refresh",
     "Ring",
+    "RootActor",
     "StaticMembership",
+    "Stop",
+    "VersionNotReached",
     "graph_key",
 )
