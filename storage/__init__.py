@@ -10,6 +10,7 @@ from ._errors import (
 )
 from ._memory import MemoryStore
 from ._model import Change, Delete, Graph, Node, Op, Snapshot, Upsert
+from ._postgres import PostgresStore, install_change_tracking
 from ._protocol import GraphStore
 
 __all__ = (
@@ -22,10 +23,12 @@ __all__ = (
     "MemoryStore",
     "Node",
     "Op",
+    "PostgresStore",
     "RootExists",
     "RootNotFound",
     "Snapshot",
     "StoreError",
     "StoreUnavailable",
     "Upsert",
+    "install_change_tracking",
 )

@@ -194,6 +194,7 @@ def plan_apply(root_id: str, rows: Mapping[str, RowInfo], ops: Sequence[CheckedO
             row_version = 1 if current is None else current.row_version + 1
             state[op.node_id] = RowInfo(op.parent_id, row_version)
             upserts[op.node_id] = (op.parent_id, op.data_json, row_version)
+            deletes.discard(op.node_id)  # deleted earlier in this call, written again: one upsert
         else:
             if current is None:
                 raise InvalidOperation(f"cannot delete node {op.node_id!r}: it is not in graph {root_id!r}")

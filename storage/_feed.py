@@ -1,0 +1,242 @@
+"""The PostgreSQL change feed: poll the outbox by transaction snapshot, LISTEN/NOTIFY only to wake up.
+
+Why not "rows with id > last id": a transaction can take its outbox id (or its xid) early and commit late,
+after rows with higher ids were already delivered; an id cursor would skip it forever.
+
+How it works. Each outbox row records its writer's transaction id (``xid``). Every poll reads, in ONE
+statement (one snapshot), the snapshot's ``xmin``/``xmax``/``xip`` (the transactions still running) and
+the outbox rows that could have become visible since the previous poll: ``xid >= previous xmax`` or
+``xid`` in the previous ``xip``. A transaction not in ``xip`` and below ``xmax`` had finished when the
+previous snapshot was taken, so its rows were already delivered then; nothing can be missed, and a
+late-committing transaction stays in ``xip`` until it commits and is delivered by the next poll. A long
+transaction elsewhere on the server never delays other rows.
+
+Cursors. ``Change.cursor`` is the snapshot ``xmin`` of the poll *before* the one that delivered it (a
+watermark: every transaction below it had finished). ``changes(after=cursor)`` delivers every committed row
+with ``xid >= cursor``: nothing older than the cursor, possibly some already delivered (at least once),
+and nothing after it is missed.
+
+Order. Within one poll, each root's changes are put in increasing version order. Across polls a root can
+show up with a version lower than one already delivered (a transaction that took its xid early but locked
+the root late); the iterator skips those superseded changes, so each root's delivered versions strictly
+increase within one iterator. Its highest delivered version is always the committed one.
+
+Wake-ups. A dedicated listener connection (never from the pool) LISTENs; a NOTIFY (or the listener's loss)
+wakes the poller at once, otherwise it polls every ``poll_interval`` seconds, so a lost NOTIFY is only a
+delay. A lost listener reconnects with capped, jittered exponential backoff while polling goes on; a
+failed poll backs off the same way and the feed resumes where it was when the database returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
+
+import anyio
+
+from ._errors import StoreUnavailable
+from ._model import Change
+
+if TYPE_CHECKING:
+    from ._postgres import PostgresStore
+
+__all__ = ("FeedStatistics", "PollResult", "PostgresFeed")
+
+logger = logging.getLogger(__name__)
+
+_NOTHING = 2**63 - 1  # a lower bound no xid reaches: the first poll of a feed that starts "now"
+_MAX_BACKOFF = 2.0
+
+
+class PollResult(NamedTuple):
+    """One poll: the snapshot's xmin/xmax/xip and the rows (root_id, version, committed_at) in xid order."""
+
+    xmin: int
+    xmax: int
+    xip: list[int]
+    rows: list[tuple[str, int, float]]
+
+
+class FeedStatistics(NamedTuple):
+    delivered: int
+    superseded: int
+    polls: int
+    failed_polls: int
+    listener_connects: int
+    listening: bool
+    watermark: int | None
+
+
+class PostgresFeed:
+    """Async iterator of ``Change`` from a ``PostgresStore``'s outbox; ``aclose()`` ends it."""
+
+    def __init__(
+        self, store: PostgresStore, after: int | None, *, listen: bool, poll_interval: float
+    ) -> None:
+        self._store = store
+        self._listen = listen
+        self._poll_interval = poll_interval
+        self._watermark = after
+        self._lower = _NOTHING if after is None else after
+        self._extra: list[int] = []
+        self._buffer: deque[Change] = deque()
+        self._max_seen: dict[str, int] = {}
+        self._wake = anyio.Event()
+        self._listener: Any = None
+        self._listener_failures = 0
+        self._next_listen_attempt = 0.0
+        self._failed_in_a_row = 0
+        self._last_prune: float | None = None
+        self._closed = False
+        self._delivered = self._superseded = self._polls = self._failed_polls = self._listener_connects = 0
+
+    def __repr__(self) -> str:
+        listening = "listening" if self._is_listening() else "polling only"
+        return (
+            f"<PostgresFeed [{'closed' if self._closed else listening} | watermark: {self._watermark}"
+            f" | buffered: {len(self._buffer)} | delivered: {self._delivered}]>"
+        )
+
+    def statistics(self) -> FeedStatistics:
+        return FeedStatistics(
+            self._delivered,
+            self._superseded,
+            self._polls,
+            self._failed_polls,
+            self._listener_connects,
+            self._is_listening(),
+            self._watermark,
+        )
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Change:
+        while not self._buffer:
+            if self._closed:
+                raise StopAsyncIteration
+            await self._step()
+        self._delivered += 1
+        return self._buffer.popleft()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._store._forget(self)
+        await self._drop_listener()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _step(self) -> None:
+        if self._listen:
+            await self._ensure_listener()
+        self._wake = anyio.Event()  # a NOTIFY from now on cuts the wait below short
+        try:
+            result = await self._store._poll(self._lower, self._extra)
+        except StoreUnavailable as exc:
+            self._failed_polls += 1
+            self._failed_in_a_row += 1
+            delay = _backoff(self._poll_interval, self._failed_in_a_row)
+            logger.warning("change feed poll failed (retrying in %.2fs): %s", delay, exc)
+        else:
+            self._polls += 1
+            self._failed_in_a_row = 0
+            self._accept(result)
+            await self._maybe_prune()
+            if self._buffer:
+                return
+            delay = self._poll_interval
+        with anyio.move_on_after(delay):
+            await self._wake.wait()
+
+    def _accept(self, result: PollResult) -> None:
+        cursor = result.xmin if self._watermark is None else self._watermark
+        for root_id, version, committed_at in _per_root_increasing(result.rows):
+            if version <= self._max_seen.get(root_id, 0):
+                self._superseded += 1
+                continue
+            self._max_seen[root_id] = version
+            self._buffer.append(Change(root_id, version, cursor, committed_at))
+        self._watermark, self._lower, self._extra = result.xmin, result.xmax, result.xip
+
+    async def _maybe_prune(self) -> None:
+        now = anyio.current_time()
+        if self._last_prune is not None and now - self._last_prune < min(self._store._retention / 2, 60.0):
+            return
+        self._last_prune = now
+        try:
+            pruned = await self._store.prune_outbox()
+        except StoreUnavailable as exc:
+            logger.warning("outbox pruning failed (will retry): %s", exc)
+        else:
+            if pruned:
+                logger.info("pruned %d outbox rows older than %.0fs", pruned, self._store._retention)
+
+    def _is_listening(self) -> bool:
+        return self._listener is not None and not self._listener.is_closed()
+
+    async def _ensure_listener(self) -> None:
+        if self._is_listening():
+            return
+        if self._listener is not None:
+            logger.warning("change feed listener connection lost; polling until it is back")
+            await self._drop_listener()
+        now = anyio.current_time()
+        if now < self._next_listen_attempt:
+            return
+        try:
+            listener = await self._store._open_listener(self._notified)
+        except StoreUnavailable as exc:
+            self._listener_failures += 1
+            delay = _backoff(self._poll_interval, self._listener_failures)
+            self._next_listen_attempt = now + delay
+            logger.warning("change feed cannot LISTEN (retrying in %.2fs): %s", delay, exc)
+            return
+        self._listener, self._listener_failures = listener, 0
+        self._listener_connects += 1
+        if self._closed:  # closed while connecting
+            await self._drop_listener()
+
+    def _notified(self) -> None:
+        self._wake.set()
+
+    async def _drop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None or listener.is_closed():
+            return
+        try:
+            with anyio.fail_after(1.0):
+                await listener.close()
+        except Exception:  # any failure to say goodbye (server gone, timeout): drop the socket instead
+            listener.terminate()
+
+
+def _backoff(base: float, attempt: int) -> float:
+    """Capped exponential backoff with full jitter between half and all of the step."""
+    step = min(max(base, _MAX_BACKOFF), base * 2 ** min(attempt, 16))
+    jittered: float = step * random.uniform(0.5, 1.0)
+    return jittered
+
+
+def _per_root_increasing(rows: Sequence[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+    """``rows`` with each root's rows reordered by version, keeping the slots roots occupy in xid order."""
+    slots: dict[str, list[int]] = {}
+    for index, (root_id, _, _) in enumerate(rows):
+        slots.setdefault(root_id, []).append(index)
+    ordered = list(rows)
+    for positions in slots.values():
+        if len(positions) > 1:
+            by_version = sorted((rows[index] for index in positions), key=lambda row: row[1])
+            for index, row in zip(positions, by_version, strict=True):
+                ordered[index] = row
+    return ordered

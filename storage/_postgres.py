@@ -1,0 +1,364 @@
+"""``PostgresStore``: the source of truth on PostgreSQL (asyncpg), with a transactional outbox feed.
+
+``apply`` runs one READ COMMITTED transaction: lock the root row (``SELECT ... FOR UPDATE``), read the
+graph's structure *after* the lock (so it is the latest committed one), check the expected versions and
+the ops, then one statement deletes, upserts, bumps the version, writes the outbox row and NOTIFYs.
+``load`` reads the version and the nodes in one REPEATABLE READ READ ONLY transaction (or runs the
+service's ``loader`` inside it). asyncpg / OS errors become ``StoreUnavailable`` / ``StoreError`` in
+``_seam`` and nowhere else; every call is bounded by ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import anyio
+import asyncpg
+import msgspec
+
+from ._errors import (
+    ConcurrencyConflict,
+    InvalidOperation,
+    RootExists,
+    RootNotFound,
+    StoreError,
+    StoreUnavailable,
+)
+from ._feed import PollResult, PostgresFeed
+from ._model import Graph, Node, Op
+from ._schema import Sql, migrate, quote_table
+from ._validate import (
+    DEFAULT_MAX_DATA_BYTES,
+    RowInfo,
+    check_data,
+    check_expected,
+    check_id,
+    check_ops,
+    plan_apply,
+)
+
+__all__ = ("Loader", "PostgresStore", "install_change_tracking")
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[Any, str], Awaitable[Graph]]
+"""``async fn(conn, root_id) -> Graph`` run inside the snapshot transaction; its ``version`` is replaced."""
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable (ConnectionError is an OSError)
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # connection closed under us, pool closing
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now, crash
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+)
+
+_json_encoder = msgspec.json.Encoder()
+_json_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    # Data usually arrives as JSON already (validated before any I/O); binary jsonb is 0x01 + the text.
+    return b"\x01" + (value if isinstance(value, bytes) else _json_encoder.encode(value))
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return _json_decoder.decode(data[1:])
+
+
+async def _init_connection(conn: Any) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
+    )
+
+
+def _address(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        port = 5432
+    return f"{parts.hostname or 'localhost'}:{port}"
+
+
+def _check_seconds(value: object, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidOperation(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
+@contextlib.contextmanager
+def _seam(address: str, timeout: float) -> Iterator[None]:
+    """The one place where asyncpg and OS errors become storage errors; bounds the call by ``timeout``."""
+    try:
+        with anyio.fail_after(timeout):
+            yield
+    except StoreError:
+        raise
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(
+            f"PostgreSQL at {address} is unavailable: {type(exc).__name__}: {exc}"
+        ) from exc
+    except asyncpg.PostgresError as exc:
+        raise StoreError(f"PostgreSQL at {address} failed: {type(exc).__name__}: {exc}") from exc
+
+
+class PostgresStore:
+    """``GraphStore`` on PostgreSQL; create with ``await PostgresStore.connect(dsn)``."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        dsn: str,
+        sql: Sql,
+        loader: Loader | None,
+        listen: bool,
+        poll_interval: float,
+        retention: float,
+        timeout: float,
+        max_data_bytes: int,
+    ) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._sql = sql
+        self._loader = loader
+        self._listen = listen
+        self._poll_interval = poll_interval
+        self._retention = retention
+        self._timeout = timeout
+        self._max_data_bytes = max_data_bytes
+        self.address = _address(dsn)
+        self._feeds: set[PostgresFeed] = set()
+        self._closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        schema: str = "graphcache",
+        *,
+        loader: Loader | None = None,
+        listen: bool = True,
+        poll_interval: float = 0.25,
+        retention: float = 3600.0,
+        command_timeout: float = 5.0,
+        pool_size: int = 10,
+        max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+    ) -> PostgresStore:
+        """Open a pool, create/migrate ``schema`` and return the store.
+
+        ``listen=False`` never LISTENs (the feed then relies on polling every ``poll_interval`` seconds);
+        outbox rows older than ``retention`` seconds are pruned by running feeds.
+        """
+        sql = Sql(schema)
+        poll_interval = _check_seconds(poll_interval, "poll_interval")
+        retention = _check_seconds(retention, "retention")
+        timeout = _check_seconds(command_timeout, "command_timeout")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise InvalidOperation(f"pool_size must be an int >= 1, got {pool_size!r}")
+        with _seam(_address(dsn), timeout):
+            pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=pool_size, init=_init_connection, timeout=timeout
+            )
+        store = cls(
+            pool,
+            dsn=dsn,
+            sql=sql,
+            loader=loader,
+            listen=listen,
+            poll_interval=poll_interval,
+            retention=retention,
+            timeout=timeout,
+            max_data_bytes=max_data_bytes,
+        )
+        try:
+            with store._seam():
+                async with pool.acquire() as conn:
+                    await migrate(conn, sql)
+        except BaseException:
+            await store.aclose()
+            raise
+        return store
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<PostgresStore [{state} | {self.address} schema {self._sql.schema}"
+            f" | pool: {self._pool.get_size()} connections, {self._pool.get_idle_size()} idle"
+            f" | feeds: {len(self._feeds)}]>"
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def create_root(self, root_id: str, data: dict[str, Any]) -> int:
+        """Create a graph holding only its root node, at version 1."""
+        check_id(root_id, name="root_id")
+        data_json = check_data(data, limit=self._max_data_bytes)
+        with self._seam():
+            created = await self._pool.fetchval(self._sql.create_root, root_id, data_json, self._sql.channel)
+        if not created:
+            raise RootExists(f"root {root_id!r} already exists")
+        return 1
+
+    async def apply(self, root_id: str, ops: Sequence[Op], *, expected_version: int | None = None) -> int:
+        """Apply ``ops`` in one transaction; the root's version goes up by exactly one."""
+        check_id(root_id, name="root_id")
+        expected = check_expected(expected_version, name="expected_version")
+        checked = check_ops(root_id, ops, limit=self._max_data_bytes)
+        sql = self._sql
+        with self._seam():
+            async with self._pool.acquire() as conn, conn.transaction():
+                current = await conn.fetchval(sql.lock_root, root_id)
+                if current is None:
+                    raise RootNotFound(f"root {root_id!r} not found")
+                if expected is not None and expected != current:
+                    raise ConcurrencyConflict(
+                        f"root {root_id!r} is at version {current}, expected {expected};"
+                        " nothing was committed"
+                    )
+                rows = await conn.fetch(sql.structure, root_id)
+                structure = {row["id"]: RowInfo(row["parent_id"], row["row_version"]) for row in rows}
+                plan = plan_apply(root_id, structure, checked)
+                version: int = current + 1
+                ids = list(plan.upserts)
+                written = plan.upserts.values()
+                await conn.execute(
+                    sql.write,
+                    root_id,
+                    list(plan.deletes),
+                    ids,
+                    [parent for parent, _, _ in written],
+                    [data for _, data, _ in written],
+                    [row_version for _, _, row_version in written],
+                    version,
+                    sql.channel,
+                )
+        return version
+
+    async def load(self, root_id: str) -> Graph:
+        """One consistent snapshot of the graph (REPEATABLE READ READ ONLY)."""
+        check_id(root_id, name="root_id")
+        with self._seam():
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                version = await conn.fetchval(self._sql.version, root_id)
+                if version is None:
+                    raise RootNotFound(f"root {root_id!r} not found")
+                if self._loader is not None:
+                    graph = await self._loader(conn, root_id)
+                    return msgspec.structs.replace(graph, root_id=root_id, version=version)
+                rows = await conn.fetch(self._sql.nodes, root_id)
+        nodes = {
+            row["id"]: Node(row["id"], row["parent_id"], row["data"], row["row_version"]) for row in rows
+        }
+        return Graph(root_id, version, nodes)
+
+    async def version(self, root_id: str) -> int:
+        """The root's committed version."""
+        check_id(root_id, name="root_id")
+        with self._seam():
+            version = await self._pool.fetchval(self._sql.version, root_id)
+        if version is None:
+            raise RootNotFound(f"root {root_id!r} not found")
+        return int(version)
+
+    async def cursor(self) -> int:
+        """A cursor for "now": ``changes(after=cursor)`` delivers every change committed after this call."""
+        with self._seam():
+            watermark: int = await self._pool.fetchval(self._sql.watermark)
+        return watermark
+
+    def changes(self, *, after: int | None = None) -> PostgresFeed:
+        """The change feed from cursor ``after`` (None: from the feed's first poll on); see ``_feed.py``."""
+        cursor = check_expected(after, name="after")
+        feed = PostgresFeed(self, cursor, listen=self._listen, poll_interval=self._poll_interval)
+        self._feeds.add(feed)
+        return feed
+
+    async def prune_outbox(self) -> int:
+        """Delete outbox rows older than the retention period; return how many went."""
+        with self._seam():
+            status = await self._pool.execute(self._sql.prune, self._retention)
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def aclose(self) -> None:
+        """Close the feeds' listener connections and the pool."""
+        self._closed = True
+        for feed in list(self._feeds):
+            await feed.aclose()
+        try:
+            with anyio.fail_after(self._timeout):
+                await self._pool.close()
+        except (TimeoutError, OSError, asyncpg.InterfaceError):  # server gone: drop the sockets instead
+            self._pool.terminate()
+
+    # -- what PostgresFeed needs (all through the seam) ---------------------------------------------------
+
+    async def _poll(self, lower: int, extra: Sequence[int]) -> PollResult:
+        """Outbox rows with ``xid >= lower`` or ``xid`` in ``extra``, with the snapshot they were read in."""
+        with self._seam():
+            rows = await self._pool.fetch(self._sql.poll, lower, list(extra))
+        first = rows[0]
+        found = [
+            (row["root_id"], row["version"], row["committed_at"])
+            for row in rows
+            if row["root_id"] is not None
+        ]
+        return PollResult(first["xmin"], first["xmax"], list(first["xip"]), found)
+
+    async def _open_listener(self, wake: Callable[[], None]) -> asyncpg.Connection:
+        """A dedicated (never pooled) connection LISTENing on the schema's channel; ``wake`` per NOTIFY."""
+        with self._seam():
+            conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            try:
+                await conn.add_listener(self._sql.channel, lambda *_: wake())
+            except BaseException:
+                conn.terminate()
+                raise
+        conn.add_termination_listener(lambda *_: wake())
+        return conn
+
+    def _forget(self, feed: PostgresFeed) -> None:
+        self._feeds.discard(feed)
+
+    def _seam(self) -> contextlib.AbstractContextManager[None]:
+        if self._closed:
+            raise StoreUnavailable(f"PostgresStore for {self.address} is closed")
+        return _seam(self.address, self._timeout)
+
+
+async def install_change_tracking(
+    conn: Any, table: str, root_column: str, *, schema: str = "graphcache"
+) -> None:
+    """Make every INSERT/UPDATE/DELETE on ``table`` bump the root named by ``root_column``.
+
+    The root's version goes up exactly once per transaction however many rows it touches (a row moved
+    between roots bumps both), an outbox row is written and the feed woken, all in the writer's
+    transaction. Creates the store schema if needed; safe to run again.
+    """
+    sql = Sql(schema)
+    statement = sql.install_trigger(table, root_column)
+    quote_table(table)
+    with _seam("the given connection", 30.0):
+        await migrate(conn, sql)
+        await conn.execute(statement)

@@ -1,0 +1,203 @@
+"""The PostgreSQL schema, created and migrated idempotently on connect.
+
+Layout (``{s}`` is the store's schema, quoted):
+
+    {s}.schema_version (version)                   one row: the migration level
+    {s}.roots  (root_id PK, version, last_xid)      one row per graph; ``last_xid`` makes change tracking
+                                                    bump a root once per transaction
+    {s}.nodes  (root_id, id, parent_id, data jsonb, row_version)   PK (root_id, id)
+    {s}.outbox (id, xid, root_id, version, committed_at)           the change feed, pruned after retention
+    {s}.bump_root(root_id), {s}.track_change()      the triggers of ``install_change_tracking``
+
+``outbox.xid`` is the writing transaction's id (``pg_current_xact_id()``); the feed uses it with snapshot
+xmin/xip to deliver a row whose transaction committed late (see ``_feed.py``). Migrations run under a
+transaction-scoped advisory lock keyed on the schema name, so concurrent connects never race.
+"""
+
+# ruff: noqa: S608  (identifiers are checked and quoted by quote_ident; values are always bind parameters)
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ._errors import InvalidOperation, StoreError
+
+__all__ = ("SCHEMA_VERSION", "Sql", "channel_name", "migrate", "quote_ident", "quote_table")
+
+SCHEMA_VERSION = 1
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+CREATE TABLE {s}.roots (
+    root_id  text PRIMARY KEY,
+    version  bigint NOT NULL,
+    last_xid bigint
+);
+CREATE TABLE {s}.nodes (
+    root_id     text   NOT NULL,
+    id          text   NOT NULL,
+    parent_id   text,
+    data        jsonb  NOT NULL,
+    row_version bigint NOT NULL,
+    PRIMARY KEY (root_id, id)
+);
+CREATE TABLE {s}.outbox (
+    id           bigserial PRIMARY KEY,
+    xid          bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint,
+    root_id      text   NOT NULL,
+    version      bigint NOT NULL,
+    committed_at double precision NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
+);
+CREATE INDEX ON {s}.outbox (xid);
+CREATE INDEX ON {s}.outbox USING brin (committed_at);
+
+CREATE FUNCTION {s}.bump_root(rid text) RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    current_xid bigint := pg_current_xact_id()::text::bigint;
+    new_version bigint;
+BEGIN
+    INSERT INTO {s}.roots AS r (root_id, version, last_xid) VALUES (rid, 1, current_xid)
+    ON CONFLICT (root_id) DO UPDATE SET version = r.version + 1, last_xid = excluded.last_xid
+        WHERE r.last_xid IS DISTINCT FROM excluded.last_xid
+    RETURNING r.version INTO new_version;
+    IF FOUND THEN
+        INSERT INTO {s}.outbox (root_id, version) VALUES (rid, new_version);
+        PERFORM pg_notify({channel}, '');
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION {s}.track_change() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    new_root text;
+    old_root text;
+BEGIN
+    IF TG_OP <> 'DELETE' THEN
+        new_root := to_jsonb(NEW) ->> TG_ARGV[0];
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        old_root := to_jsonb(OLD) ->> TG_ARGV[0];
+    END IF;
+    IF new_root IS NOT NULL THEN
+        PERFORM {s}.bump_root(new_root);
+    END IF;
+    IF old_root IS NOT NULL AND old_root IS DISTINCT FROM new_root THEN
+        PERFORM {s}.bump_root(old_root);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+""",
+}
+
+
+def quote_ident(name: str, *, what: str = "identifier") -> str:
+    """``name`` double-quoted, if it is a plain SQL identifier (letters, digits, _ and $; at most 63)."""
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
+        raise InvalidOperation(
+            f"{what} must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_$]*), got {name!r}"
+        )
+    return f'"{name}"'
+
+
+def quote_table(name: str) -> str:
+    """``table`` or ``schema.table``, each part checked and quoted."""
+    parts = name.split(".") if isinstance(name, str) else [name]
+    if len(parts) > 2:
+        raise InvalidOperation(f"table must be 'table' or 'schema.table', got {name!r}")
+    return ".".join(quote_ident(part, what="table") for part in parts)
+
+
+def channel_name(schema: str) -> str:
+    """The NOTIFY channel of a store schema (wake-ups only)."""
+    return f"graphcache_{schema}"[:63]
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class Sql:
+    """Every statement of one store schema, rendered once with the schema quoted."""
+
+    def __init__(self, schema: str) -> None:
+        s = quote_ident(schema, what="schema")
+        self.schema = s
+        self.channel = channel_name(schema)
+        self.lock_root = f"SELECT version FROM {s}.roots WHERE root_id = $1 FOR UPDATE"
+        self.structure = f"SELECT id, parent_id, row_version FROM {s}.nodes WHERE root_id = $1"
+        self.write = f"""
+WITH gone AS (
+    DELETE FROM {s}.nodes WHERE root_id = $1 AND id = ANY($2::text[])
+), written AS (
+    INSERT INTO {s}.nodes (root_id, id, parent_id, data, row_version)
+    SELECT $1, t.id, t.parent_id, t.data, t.row_version
+    FROM unnest($3::text[], $4::text[], $5::jsonb[], $6::bigint[]) AS t(id, parent_id, data, row_version)
+    ON CONFLICT (root_id, id) DO UPDATE
+        SET parent_id = excluded.parent_id, data = excluded.data, row_version = excluded.row_version
+), bumped AS (
+    UPDATE {s}.roots SET version = $7, last_xid = pg_current_xact_id()::text::bigint WHERE root_id = $1
+), logged AS (
+    INSERT INTO {s}.outbox (root_id, version) VALUES ($1, $7)
+)
+SELECT pg_notify($8, '')"""
+        self.create_root = f"""
+WITH made AS (
+    INSERT INTO {s}.roots (root_id, version, last_xid)
+    VALUES ($1, 1, pg_current_xact_id()::text::bigint)
+    ON CONFLICT (root_id) DO NOTHING
+    RETURNING root_id
+), node AS (
+    INSERT INTO {s}.nodes (root_id, id, parent_id, data, row_version)
+    SELECT root_id, root_id, NULL, $2::jsonb, 1 FROM made
+), logged AS (
+    INSERT INTO {s}.outbox (root_id, version) SELECT root_id, 1 FROM made
+)
+SELECT count(*) AS created, pg_notify($3, '') FROM made"""
+        self.version = f"SELECT version FROM {s}.roots WHERE root_id = $1"
+        self.nodes = f"SELECT id, parent_id, data, row_version FROM {s}.nodes WHERE root_id = $1"
+        self.poll = f"""
+SELECT snap.xmin, snap.xmax, snap.xip, o.root_id, o.version, o.committed_at
+FROM (
+    SELECT pg_snapshot_xmin(c)::text::bigint AS xmin,
+           pg_snapshot_xmax(c)::text::bigint AS xmax,
+           ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(c) AS x) AS xip
+    FROM pg_current_snapshot() AS c
+) AS snap
+LEFT JOIN {s}.outbox AS o ON o.xid >= $1 OR o.xid = ANY($2::bigint[])
+ORDER BY o.xid, o.id"""
+        self.watermark = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+        self.prune = f"DELETE FROM {s}.outbox WHERE committed_at < extract(epoch FROM clock_timestamp()) - $1"
+
+    def install_trigger(self, table: str, root_column: str) -> str:
+        """The statement that installs change tracking on ``table`` (checked identifiers only)."""
+        quote_ident(root_column, what="root_column")
+        name = quote_ident(f"graphcache_track_{self.channel}"[:63], what="trigger name")
+        return (
+            f"CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {quote_table(table)}"
+            f" FOR EACH ROW EXECUTE FUNCTION {self.schema}.track_change({_literal(root_column)})"
+        )
+
+
+async def migrate(conn: Any, sql: Sql) -> None:
+    """Create or upgrade the schema to ``SCHEMA_VERSION``; safe to run from many connects at once."""
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"graphcache:{sql.schema}"
+        )
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {sql.schema}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {sql.schema}.schema_version (version integer NOT NULL)"
+        )
+        level = await conn.fetchval(f"SELECT max(version) FROM {sql.schema}.schema_version")
+        level = 0 if level is None else int(level)
+        if level > SCHEMA_VERSION:
+            raise StoreError(
+                f"schema {sql.schema} is at version {level}, newer than this code ({SCHEMA_VERSION})"
+            )
+        for step in range(level + 1, SCHEMA_VERSION + 1):
+            await conn.execute(_MIGRATIONS[step].format(s=sql.schema, channel=_literal(sql.channel)))
+        if level < SCHEMA_VERSION:
+            await conn.execute(f"DELETE FROM {sql.schema}.schema_version")
+            await conn.execute(f"INSERT INTO {sql.schema}.schema_version VALUES ({SCHEMA_VERSION})")
