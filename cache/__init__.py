@@ -13,7 +13,7 @@ from ._errors import (
     VersionMismatch,
 )
 from ._memory import MemoryCache, MemoryCacheStatistics
-from ._redis import RedisCache
+from ._redis import RedisCache, RedisCacheStatistics
 from ._types import CacheItem, LockHandle, VersionedCache
 
 __all__ = (
@@ -30,6 +30,7 @@ __all__ = (
     "MemoryCacheStatistics",
     "ObjectLocked",
     "RedisCache",
+    "RedisCacheStatistics",
     "ValueTooLarge",
     "VersionMismatch",
     "VersionedCache",

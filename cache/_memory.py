@@ -51,6 +51,8 @@ class MemoryCacheStatistics(NamedTuple):
     items: int
     floors: int
     locks: int
+    lock_waiters: int
+    """Tasks inside ``get_and_lock(wait=...)`` waiting for a held lock."""
 
 
 class _Entry:
@@ -271,13 +273,17 @@ class MemoryCache:
             items=sum(1 for e in self._items.values() if e.expires > now),
             floors=sum(1 for f in self._floors.values() if f.expires > now),
             locks=sum(1 for lk in self._locks.values() if lk.expires > now),
+            lock_waiters=sum(len(waiters) for waiters in self._released.values()),
         )
 
     def __repr__(self) -> str:
         if self._closed:
             return "<MemoryCache [closed]>"
         stats = self.statistics()
-        return f"<MemoryCache [Items: {stats.items} | Floors: {stats.floors} | Locks: {stats.locks}]>"
+        return (
+            f"<MemoryCache [Items: {stats.items} | Floors: {stats.floors} | "
+            f"Locks: {stats.locks}, {stats.lock_waiters} waiting]>"
+        )
 
     # -- helpers (no awaits below: each public method's critical section is atomic) ----------------
 

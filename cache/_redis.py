@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import anyio
 from redis import exceptions as rex
@@ -51,12 +51,17 @@ from ._validate import (
     encode_value,
 )
 
-__all__ = ("RedisCache",)
+__all__ = ("RedisCache", "RedisCacheStatistics")
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.-]+")
 _UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterError, rex.RedisClusterException, OSError)
 _FIRST_BACKOFF = 0.002
 _MAX_BACKOFF = 0.05
+
+
+class RedisCacheStatistics(NamedTuple):
+    lock_waiters: int
+    """Tasks inside ``get_and_lock(wait=...)`` backing off after finding the lock held."""
 
 
 class RedisCache:
@@ -87,6 +92,7 @@ class RedisCache:
         self._close_client = close_client
         self._address = address or _describe(client)
         self._closed = False
+        self._lock_waiters = 0
 
     @classmethod
     def from_url(
@@ -203,21 +209,32 @@ class RedisCache:
         deadline = time.monotonic() + check_wait(wait)
         keys = (self._key(key, b"i"), self._key(key, b"l"), self._key(key, b"c"))
         token = secrets.token_hex(16)
-        backoff = _FIRST_BACKOFF
-        while True:
+        expires_at = time.time() + int(timeout_ms) / 1000
+        reply = await self._run(lua.GET_AND_LOCK, keys, (token, timeout_ms))
+        if reply[0] != lua.OK:
+            self._lock_waiters += 1
+            try:
+                reply = await self._retry_lock(key, keys, (token, timeout_ms), deadline=deadline, reply=reply)
+            finally:
+                self._lock_waiters -= 1
             expires_at = time.time() + int(timeout_ms) / 1000
-            reply = await self._run(lua.GET_AND_LOCK, keys, (token, timeout_ms))
-            if reply[0] == lua.OK:
-                break
+        item = None if reply[2] == b"" else CacheItem(key, decode_value(reply[3]), int(reply[2]))
+        return item, LockHandle(key, token, int(reply[1]), expires_at)
+
+    async def _retry_lock(
+        self, key: str, keys: tuple[bytes, ...], args: tuple[str, str], *, deadline: float, reply: Any
+    ) -> Any:
+        """Retry with jittered exponential backoff; never sleep past ``deadline`` or the holder's expiry."""
+        backoff = _FIRST_BACKOFF
+        while reply[0] != lua.OK:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ObjectLocked(f"key {key!r} is locked (expires in {int(reply[1])} ms)")
-            # Jittered exponential backoff, never past the deadline nor the holder's own expiry.
             pause = min(remaining, backoff * random.uniform(0.5, 1.0), max(int(reply[1]), 1) / 1000)
             await anyio.sleep(pause)
             backoff = min(backoff * 2, _MAX_BACKOFF)
-        item = None if reply[2] == b"" else CacheItem(key, decode_value(reply[3]), int(reply[2]))
-        return item, LockHandle(key, token, int(reply[1]), expires_at)
+            reply = await self._run(lua.GET_AND_LOCK, keys, args)
+        return reply
 
     async def put_and_unlock(
         self, key: str, value: Any, lock: LockHandle, *, ttl: float | None = None
@@ -255,8 +272,12 @@ class RedisCache:
     ) -> None:
         await self.aclose()
 
+    def statistics(self) -> RedisCacheStatistics:
+        """This client's live state (the rest lives in Redis)."""
+        return RedisCacheStatistics(lock_waiters=self._lock_waiters)
+
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._closed else f"open, {self._lock_waiters} waiting for locks"
         kind = "Cluster" if isinstance(self._client, RedisCluster) else "Redis"
         return f"<RedisCache [{kind} {self._address} | namespace {self._namespace!r} | {state}]>"
 

@@ -61,7 +61,7 @@ async def test_statistics_and_repr_show_live_state() -> None:
     await cache.put_if_newer("a", 1, 1)
     await cache.invalidate("b", 3)
     await cache.get_and_lock("c", lock_timeout=60)
-    assert cache.statistics() == MemoryCacheStatistics(items=1, floors=1, locks=1)
-    assert repr(cache) == "<MemoryCache [Items: 1 | Floors: 1 | Locks: 1]>"
+    assert cache.statistics() == MemoryCacheStatistics(items=1, floors=1, locks=1, lock_waiters=0)
+    assert repr(cache) == "<MemoryCache [Items: 1 | Floors: 1 | Locks: 1, 0 waiting]>"
     await cache.aclose()
     assert repr(cache) == "<MemoryCache [closed]>"
