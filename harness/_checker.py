@@ -73,11 +73,20 @@ class CheckReport(msgspec.Struct):
 
 @dataclass(slots=True)
 class _Read:
+    """A read that found an item (a miss is kept as its interval only)."""
+
     process: str
     start: float
     end: float
-    version: int | None
+    version: int
     hash: str | None
+
+
+@dataclass(slots=True)
+class _Miss:
+    process: str
+    start: float
+    end: float
 
 
 @dataclass(slots=True)
@@ -90,6 +99,7 @@ class _Commit:
 @dataclass(slots=True)
 class _Root:
     reads: list[_Read] = field(default_factory=list)
+    misses: list[_Miss] = field(default_factory=list)
     commits: dict[int, _Commit] = field(default_factory=dict)
     ambiguous: set[int] = field(default_factory=set)  # versions reported by two different commits
     writes: list[tuple[float, int]] = field(default_factory=list)  # (ok time, version)
@@ -177,7 +187,10 @@ def _pop_start(starts: list[float] | None) -> float:
 
 def _record_ok(root: _Root, e: Event, start: float) -> None:
     if e.op == "read":
-        root.reads.append(_Read(e.process, start, e.time, e.version, e.hash))
+        if e.version is None:
+            root.misses.append(_Miss(e.process, start, e.time))
+        else:
+            root.reads.append(_Read(e.process, start, e.time, e.version, e.hash))
     elif e.op in ("create", "write") and e.version is not None:
         if e.op == "write":
             root.writes.append((e.time, e.version))
@@ -191,16 +204,17 @@ def _record_ok(root: _Root, e: Event, start: float) -> None:
 
 def _judge_regressions(root_id: str, root: _Root, tally: _Tally) -> None:
     """G1: sweep reads in start order, knowing the newest version of every read that ended before."""
-    present = [r for r in root.reads if r.version is not None]
-    by_end = sorted(present, key=lambda r: r.end)
+    by_end = sorted(root.reads, key=_end)
+    ends = [r.end for r in by_end]
     newest: _Read | None = None
-    i = 0
-    for read in sorted(present, key=lambda r: r.start):
-        while i < len(by_end) and by_end[i].end < read.start:
-            if newest is None or _version(by_end[i]) > _version(newest):
-                newest = by_end[i]
+    newest_version = 0
+    i, count = 0, len(by_end)
+    for read in sorted(root.reads, key=_start):
+        while i < count and ends[i] < read.start:
+            if by_end[i].version > newest_version:
+                newest, newest_version = by_end[i], by_end[i].version
             i += 1
-        if newest is not None and _version(read) < _version(newest):
+        if read.version < newest_version and newest is not None:
             tally.regressions += 1
             tally.example(
                 "G1",
@@ -210,19 +224,20 @@ def _judge_regressions(root_id: str, root: _Root, tally: _Tally) -> None:
             )
 
 
-def _version(read: _Read) -> int:
-    assert read.version is not None  # only present reads are swept
-    return read.version
+def _start(read: _Read) -> float:
+    return read.start
+
+
+def _end(read: _Read) -> float:
+    return read.end
 
 
 def _judge_torn(root_id: str, root: _Root, tally: _Tally) -> None:
     """G2: compare each stamped read with the replayed committed graph at its version."""
-    wanted = {r.version for r in root.reads if r.version is not None and r.hash is not None}
+    wanted = {r.version for r in root.reads if r.hash is not None}
     expected = _committed_hashes(root_id, root, wanted)
     final_version = root.final[1] if root.final is not None else None
     for read in root.reads:
-        if read.version is None:
-            continue
         if final_version is not None and not 1 <= read.version <= final_version:
             tally.torn += 1
             tally.example(
@@ -294,12 +309,11 @@ def _judge_end(root_id: str, root: _Root, tally: _Tally) -> None:
     if root.final is None:
         return
     final_time, final_version = root.final
-    after = [r for r in root.reads if r.start >= final_time]
-    if not after:
+    last = max((r for r in root.reads if r.start >= final_time), key=_end, default=None)
+    last_miss = max((m.end for m in root.misses if m.start >= final_time), default=-math.inf)
+    if last is None and last_miss == -math.inf:
         tally.unread_at_end += 1
-        return
-    last = max(after, key=lambda r: r.end)
-    if last.version is None:
+    elif last is None or last_miss > last.end:
         tally.absent_at_end += 1
     elif last.version != final_version:
         tally.stale += 1
@@ -314,16 +328,16 @@ def _judge_end(root_id: str, root: _Root, tally: _Tally) -> None:
 def _measure_lags(root: _Root, tally: _Tally) -> None:
     """For each write, the end of the earliest-ending read that began after it and saw it or newer.
 
-    Writes are taken newest first while reads that began after each one are added to a Fenwick tree
-    indexed by version (reversed), holding the earliest end per version suffix: O((W + R) log V).
+    Writes are taken newest first while the reads that began after each one enter a Fenwick tree over
+    versions (reversed, so a prefix is a suffix of versions) holding the earliest end: O((W + R) log V).
     """
-    reads = sorted((r for r in root.reads if r.version is not None), key=lambda r: r.start, reverse=True)
-    top = max((_version(r) for r in reads), default=0)
+    reads = sorted(root.reads, key=_start, reverse=True)
+    top = max((r.version for r in reads), default=0)
     tree = [math.inf] * (top + 1)
-    i = 0
+    i, count = 0, len(reads)
     for committed_at, version in sorted(root.writes, reverse=True):
-        while i < len(reads) and reads[i].start > committed_at:
-            _tree_lower(tree, top - _version(reads[i]) + 1, reads[i].end)
+        while i < count and reads[i].start > committed_at:
+            _tree_lower(tree, top - reads[i].version + 1, reads[i].end)
             i += 1
         seen_at = _tree_min(tree, top - version + 1) if 1 <= version <= top else math.inf
         if seen_at == math.inf:
@@ -333,15 +347,18 @@ def _measure_lags(root: _Root, tally: _Tally) -> None:
 
 
 def _tree_lower(tree: list[float], index: int, value: float) -> None:
-    while index < len(tree):
-        tree[index] = min(tree[index], value)
+    size = len(tree)
+    while index < size:
+        if value < tree[index]:  # noqa: PLR1730  (hot loop: cheaper than calling min)
+            tree[index] = value
         index += index & -index
 
 
 def _tree_min(tree: list[float], index: int) -> float:
     best = math.inf
     while index > 0:
-        best = min(best, tree[index])
+        if tree[index] < best:  # noqa: PLR1730  (hot loop: cheaper than calling min)
+            best = tree[index]
         index -= index & -index
     return best
 
@@ -350,7 +367,7 @@ def _report(roots: dict[str, _Root], tally: _Tally) -> CheckReport:
     lags = sorted(tally.lags)
     commits = len(lags) + tally.unseen_commits
     return CheckReport(
-        reads=sum(len(r.reads) for r in roots.values()),
+        reads=sum(len(r.reads) + len(r.misses) for r in roots.values()),
         writes=sum(len(r.writes) for r in roots.values()),
         roots=len(roots),
         regressions=tally.regressions,
@@ -367,7 +384,7 @@ def _report(roots: dict[str, _Root], tally: _Tally) -> CheckReport:
         if commits
         else {},
         examples=tally.examples,
-        absent_reads=sum(1 for r in roots.values() for read in r.reads if read.version is None),
+        absent_reads=sum(len(r.misses) for r in roots.values()),
         unread_at_end=tally.unread_at_end,
         unseen_commits=tally.unseen_commits,
     )
