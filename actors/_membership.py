@@ -10,7 +10,9 @@ last heartbeat, so a cluster that is gone leaves nothing behind.
 Timing: a node sees joins and leaves at its next heartbeat (within ``heartbeat`` seconds); a node that
 stops heartbeating (crash, partition) drops out of every view within ``ttl + heartbeat`` seconds of
 its last heartbeat. While Redis is unreachable a node keeps its last view, logs once per outage and
-keeps retrying every ``heartbeat`` seconds; it never crashes because of Redis.
+keeps retrying every ``heartbeat`` seconds; it never crashes because of Redis. For ``ttl`` after an
+outage it keeps the members of its last view too, so a Redis restarted empty does not make every
+node briefly see itself alone while the others re-register.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ class RedisMembership:
         self._heartbeats = 0
         self._failures = 0
         self._connected = False
+        self._grace_until = 0.0  # monotonic time until which an outage's last view is kept
 
     @property
     def key(self) -> str:
@@ -232,11 +235,21 @@ class RedisMembership:
             return False
         if not self._connected:
             logger.info("membership %s: heartbeats reach Redis (%s)", node_id, self._key)
+            if self._broadcast.current is not None:
+                self._grace_until = time.monotonic() + self._ttl
         self._connected = True
         self._heartbeats += 1
-        if self._broadcast.publish(_decode_view(raw)):
+        if self._broadcast.publish(self._merge_view(_decode_view(raw))):
             logger.info("membership %s: view is now %s", node_id, sorted(self._broadcast.current or ()))
         return True
+
+    def _merge_view(self, fetched: frozenset[str]) -> frozenset[str]:
+        """The view to publish. For ``ttl`` after an outage, members of the last view are kept: a
+        restarted Redis may have lost the set, and the live members re-register within a heartbeat."""
+        last = self._broadcast.current
+        if last is None or time.monotonic() >= self._grace_until:
+            return fetched
+        return fetched | last
 
     def _on_failure(self, exc: BaseException, elapsed: float) -> None:
         self._failures += 1
