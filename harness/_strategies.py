@@ -1,0 +1,154 @@
+"""Re-cache strategies the load test compares, each given the same committed writes.
+
+After each committed update a writer calls ``after_write``; the strategy maintains the cached graph its
+own way and counts what it did in a ``Tally``:
+
+  actor     graphcache: nothing here; the Nodes rebuild from the change feed (their counters are read
+            from the Nodes' statistics)
+  cas       load one snapshot, ``put_if_newer`` (a refused put is counted, it is not an error)
+  naive     read the root version, then the children, then blind-set the pair: the race in the wild
+  checkset  naive, then re-read the version and cache only if unchanged (the usual workaround)
+  lock      a cache lock around load and set (``get_and_lock`` / ``put_and_unlock``)
+  none      no cache maintenance at all: the throughput ceiling (readers see nothing)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Protocol
+
+import anyio
+
+from actors import graph_key
+from cache import LockHandle, LockLost, ObjectLocked, VersionedCache
+from storage import Graph, GraphStore
+
+__all__ = ("NAMES", "STRATEGIES", "Strategy", "Tally")
+
+
+@dataclass
+class Tally:
+    """What one process's writers did: committed updates, rebuilds (loads done for caching), refused puts."""
+
+    updates: int = 0
+    rebuilds: int = 0
+    refused: int = 0
+    failures: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.updates += other.updates
+        self.rebuilds += other.rebuilds
+        self.refused += other.refused
+        self.failures += other.failures
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Strategy(Protocol):
+    name: ClassVar[str]
+
+    async def after_write(
+        self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
+    ) -> None: ...
+
+
+class NoCache:
+    name: ClassVar[str] = "none"
+
+    async def after_write(
+        self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
+    ) -> None:
+        return None
+
+
+class ActorFeed:
+    """The writer only commits; the Nodes' actors see the change on the feed and rebuild."""
+
+    name: ClassVar[str] = "actor"
+
+    async def after_write(
+        self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
+    ) -> None:
+        return None
+
+
+class CompareAndSet:
+    name: ClassVar[str] = "cas"
+
+    async def after_write(
+        self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
+    ) -> None:
+        graph = await store.load(root_id)
+        tally.rebuilds += 1
+        if not await cache.put_if_newer(graph_key(root_id), graph, graph.version):
+            tally.refused += 1
+
+
+class Naive:
+    name: ClassVar[str] = "naive"
+
+    async def after_write(
+        self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
+    ) -> None:
+        read_version = await store.version(root_id)
+        nodes = (await store.load(root_id)).nodes
+        tally.rebuilds += 1
+        await cache.insert(graph_key(root_id), Graph(root_id, read_version, nodes))
+
+
+class CheckThenSet:
+    name: ClassVar[str] = "checkset"
+
+    async def after_write(
+        self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
+    ) -> None:
+        read_version = await store.version(root_id)
+        nodes = (await store.load(root_id)).nodes
+        tally.rebuilds += 1
+        if await store.version(root_id) != read_version:
+            tally.refused += 1
+            return
+        await cache.insert(graph_key(root_id), Graph(root_id, read_version, nodes))
+
+
+class Locked:
+    """Rebuild under a cache lock; a writer that cannot get it within ``wait`` leaves it to the holder."""
+
+    name: ClassVar[str] = "lock"
+    lock_timeout: ClassVar[float] = 2.0
+    wait: ClassVar[float] = 1.0
+
+    async def after_write(
+        self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
+    ) -> None:
+        key = graph_key(root_id)
+        try:
+            _, lock = await cache.get_and_lock(key, lock_timeout=self.lock_timeout, wait=self.wait)
+        except ObjectLocked:
+            tally.refused += 1
+            return
+        try:
+            graph = await store.load(root_id)
+        except BaseException:
+            # Release on any failure (cancellation included) so others need not wait for the lock to lapse.
+            await _unlock_quietly(cache, key, lock)
+            raise
+        tally.rebuilds += 1
+        try:
+            await cache.put_and_unlock(key, graph, lock)
+        except LockLost:
+            tally.refused += 1
+
+
+async def _unlock_quietly(cache: VersionedCache, key: str, lock: LockHandle) -> None:
+    with anyio.CancelScope(shield=True), contextlib.suppress(LockLost):
+        await cache.unlock(key, lock)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s for s in (ActorFeed(), CompareAndSet(), Naive(), CheckThenSet(), Locked(), NoCache())
+}
+NAMES: tuple[str, ...] = tuple(STRATEGIES)
+"""Strategy names in ``--compare`` order."""

@@ -1,0 +1,228 @@
+"""The load-test workload, identical for every strategy given the same seed.
+
+Roots are ``root-00000`` ... ; each write upserts one child of a root with data that names the writer and
+its sequence number, so every committed version has a distinct graph and a torn read cannot hash like a
+committed one. Writers and readers are plain task loops that record every operation into a history
+(``harness/_history.py``); the same loops run as tasks of one process (embedded) or inside the writer and
+reader processes of ``harness/_procs.py``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from actors import graph_key
+from cache import CacheError, VersionedCache
+from storage import ConcurrencyConflict, Graph, GraphStore, Node, Op, StoreError, Upsert
+
+from ._history import Event, HistoryWriter, graph_hash
+from ._strategies import Strategy, Tally
+
+__all__ = (
+    "Dist",
+    "Lane",
+    "RootPicker",
+    "Stopper",
+    "create_roots",
+    "initial_graph",
+    "read_loop",
+    "record_read",
+    "root_ids",
+    "write_loop",
+    "write_ops",
+)
+
+logger = logging.getLogger(__name__)
+
+Dist = Literal["uniform", "zipf"]
+CHILDREN_PER_ROOT = 4
+"""Writes spread over this many children per root, so graphs stay small and rebuilds cheap."""
+
+
+def root_ids(count: int) -> list[str]:
+    """The ids of a workload's roots, in popularity order (under zipf the first is the hottest)."""
+    width = max(5, len(str(count - 1)))
+    return [f"root-{i:0{width}d}" for i in range(count)]
+
+
+class RootPicker:
+    """Picks the root of the next operation: uniform, or zipf with exponent ``zipf_s`` over rank."""
+
+    def __init__(self, roots: Sequence[str], *, dist: Dist, zipf_s: float, rng: random.Random) -> None:
+        if not roots:
+            raise ValueError("a workload needs at least one root")
+        self._roots = list(roots)
+        self._rng = rng
+        self._cumulative: list[float] | None = None
+        if dist == "zipf":
+            weights = (1.0 / (rank**zipf_s) for rank in range(1, len(roots) + 1))
+            self._cumulative = list(itertools.accumulate(weights))
+
+    def pick(self) -> str:
+        if self._cumulative is None:
+            return self._roots[self._rng.randrange(len(self._roots))]
+        point = self._rng.random() * self._cumulative[-1]
+        return self._roots[min(bisect.bisect_right(self._cumulative, point), len(self._roots) - 1)]
+
+
+def initial_data(root_id: str) -> dict[str, Any]:
+    return {"root": root_id}
+
+
+def initial_graph(root_id: str) -> Graph:
+    """The graph ``create_root(root_id, initial_data(root_id))`` commits at version 1."""
+    return Graph(root_id, 1, {root_id: Node(root_id, None, initial_data(root_id), 1)})
+
+
+def write_ops(root_id: str, writer: int, seq: int) -> list[Op]:
+    """The one deterministic change writer ``writer`` makes in its ``seq``-th transaction."""
+    child = f"{root_id}/c{(writer + seq) % CHILDREN_PER_ROOT}"
+    return [Upsert(child, root_id, {"w": writer, "s": seq})]
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+async def create_roots(
+    store: GraphStore, roots: Sequence[str], history: HistoryWriter, *, limit: int = 16
+) -> None:
+    """Create every root at version 1, recording a ``create`` event (ops and hash) for the checker."""
+    pending = iter(roots)
+
+    async def creator() -> None:
+        for root_id in pending:
+            ops = msgspec.to_builtins([Upsert(root_id, None, initial_data(root_id))])
+            history.record(Event("setup", "invoke", "create", root_id, _now()))
+            version = await store.create_root(root_id, initial_data(root_id))
+            digest = graph_hash(initial_graph(root_id))
+            history.record(
+                Event("setup", "ok", "create", root_id, _now(), version=version, hash=digest, ops=ops)
+            )
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(min(limit, len(roots))):
+            tg.start_soon(creator)
+
+
+@dataclass
+class Stopper:
+    """Shared stop flag for task loops; checked between operations, never cancelling one midway."""
+
+    event: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def stopped(self) -> bool:
+        return self.event.is_set()
+
+    def stop(self) -> None:
+        self.event.set()
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One writer or reader task: its name in the history, its number, its roots, and when to stop."""
+
+    process: str
+    index: int
+    picker: RootPicker
+    history: HistoryWriter
+    stopper: Stopper
+    rate: float = 0.0
+
+
+class _Pacer:
+    """Spaces operations ``1/rate`` seconds apart (rate 0: as fast as possible, yielding each time)."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = _now()
+
+    async def wait(self) -> None:
+        if self._interval == 0.0:
+            await anyio.lowlevel.checkpoint()
+            return
+        self._next = max(self._next + self._interval, _now() - self._interval)
+        await anyio.sleep(max(0.0, self._next - _now()))
+
+
+async def write_loop(
+    lane: Lane, store: GraphStore, cache: VersionedCache, strategy: Strategy, tally: Tally
+) -> None:
+    """Commit one change per iteration, record it, then let the strategy maintain the cache its way."""
+    pacer = _Pacer(lane.rate)
+    for seq in itertools.count():
+        if lane.stopper.stopped:
+            return
+        root_id = lane.picker.pick()
+        version = await _write(lane, store, root_id, write_ops(root_id, lane.index, seq))
+        if version is not None:
+            tally.updates += 1
+            await _maintain(strategy, store, cache, root_id, version=version, tally=tally)
+        await pacer.wait()
+
+
+async def _write(lane: Lane, store: GraphStore, root_id: str, ops: list[Op]) -> int | None:
+    lane.history.record(Event(lane.process, "invoke", "write", root_id, _now()))
+    try:
+        version = await store.apply(root_id, ops)
+    except ConcurrencyConflict:
+        lane.history.record(Event(lane.process, "fail", "write", root_id, _now()))
+        return None
+    except StoreError as exc:
+        # Outcome unknown (e.g. the connection dropped after sending): the checker will not judge the gap.
+        logger.warning("write to %s failed: %r", root_id, exc)
+        lane.history.record(Event(lane.process, "info", "write", root_id, _now()))
+        return None
+    builtins = msgspec.to_builtins(ops)
+    lane.history.record(Event(lane.process, "ok", "write", root_id, _now(), version=version, ops=builtins))
+    return version
+
+
+async def _maintain(
+    strategy: Strategy, store: GraphStore, cache: VersionedCache, root_id: str, *, version: int, tally: Tally
+) -> None:
+    try:
+        await strategy.after_write(store, cache, root_id, version, tally)
+    except (StoreError, CacheError) as exc:
+        tally.failures += 1
+        logger.warning("%s could not maintain %s: %r", strategy.name, root_id, exc)
+
+
+async def record_read(
+    process: str, cache: VersionedCache, root_id: str, history: HistoryWriter
+) -> int | None:
+    """One recorded cache read of ``root_id``'s graph; returns the version seen (None if absent)."""
+    history.record(Event(process, "invoke", "read", root_id, _now()))
+    item = await cache.get(graph_key(root_id), type=Graph)
+    if item is None:
+        history.record(Event(process, "ok", "read", root_id, _now()))
+        return None
+    graph: Graph = item.value
+    digest = graph_hash(graph)
+    history.record(Event(process, "ok", "read", root_id, _now(), version=graph.version, hash=digest))
+    return graph.version
+
+
+async def read_loop(lane: Lane, cache: VersionedCache) -> None:
+    """Sample the cache until stopped, recording every read."""
+    pacer = _Pacer(lane.rate)
+    while not lane.stopper.stopped:
+        root_id = lane.picker.pick()
+        try:
+            await record_read(lane.process, cache, root_id, lane.history)
+        except CacheError as exc:
+            logger.warning("read of %s failed: %r", root_id, exc)
+            lane.history.record(Event(lane.process, "fail", "read", root_id, _now()))
+        await pacer.wait()
