@@ -236,14 +236,14 @@ def _judge_torn(root_id: str, root: _Root, tally: _Tally) -> None:
     """G2: compare each stamped read with the replayed committed graph at its version."""
     wanted = {r.version for r in root.reads if r.hash is not None}
     expected = _committed_hashes(root_id, root, wanted)
-    final_version = root.final[1] if root.final is not None else None
+    last_version = max(root.final[1] if root.final is not None else 0, max(root.commits, default=0))
     for read in root.reads:
-        if final_version is not None and not 1 <= read.version <= final_version:
+        if read.version < 1 or (root.final is not None and read.version > last_version):
             tally.torn += 1
             tally.example(
                 "G2",
                 root_id,
-                f"{read.process} read v{read.version}, never committed (final v{final_version})",
+                f"{read.process} read v{read.version}, never committed (last committed v{last_version})",
             )
         elif read.hash is None or read.version not in expected:
             tally.unjudged += 1

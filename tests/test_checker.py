@@ -170,11 +170,26 @@ def test_torn_graph_is_found() -> None:
 
 
 def test_a_version_never_committed_is_torn() -> None:
-    """A read stamped with a version above the final committed one is a G2 violation."""
-    events = [*three_versions(), *final("r", 3.0, 3), *read("r", 3.1, 3.2, 4, H3)]
+    """A read stamped above the final committed version, or below 1, is a G2 violation."""
+    events = [
+        *three_versions(),
+        *final("r", 3.0, 3),
+        *read("r", 3.1, 3.2, 4, H3),
+        *read("r", 3.3, 3.4, 0, H1),
+    ]
     report = check(events)
-    assert report.torn == 1
-    assert "never committed" in report.examples[0].detail
+    assert report.torn == 2
+    assert [v.detail for v in report.examples if v.kind == "G2"] == [
+        "r read v4, never committed (last committed v3)",
+        "r read v0, never committed (last committed v3)",
+    ]
+
+
+def test_a_commit_recorded_after_the_final_event_is_still_judged() -> None:
+    """A write whose ok the history holds is committed, even if its version is above the final event's."""
+    events = [*three_versions(), *final("r", 1.5, 2), *read("r", 2.2, 2.3, 3, H3)]
+    report = check(events)
+    assert (report.torn, report.unjudged) == (0, 0)
 
 
 def test_delete_removes_the_subtree_in_the_replay() -> None:
