@@ -155,6 +155,11 @@ class MemoryStore:
         await self._io()
         return self._root(root_id).committed.version
 
+    async def cursor(self) -> int:
+        """A cursor for "now": ``changes(after=cursor)`` delivers every change committed after this call."""
+        self._check_open()
+        return self._last_cursor
+
     def changes(self, *, after: int | None = None) -> _MemoryFeed:
         """The change feed from just after ``after`` (None: from now on)."""
         cursor = check_expected(after, name="after")
