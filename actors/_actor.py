@@ -79,8 +79,8 @@ class RootActor:
         self._cache = cache
         self._key = graph_key(root_id)
         self._counters = counters if counters is not None else Counters()
-        self._send, self._receive = anyio.create_memory_object_stream[Message](mailbox_size)
         self._built = check_version(built, name="built")
+        self._send, self._receive = anyio.create_memory_object_stream[Message](mailbox_size)
         self._wanted = self._built
         self._pending = 0  # notifications not yet accounted as a rebuild or as coalesced
         self._pending_since: float | None = None  # commit time of the oldest uncached notification

@@ -458,6 +458,18 @@ class Node:
         if self._pass_scope is not None:
             self._pass_scope.cancel()
 
+    async def _current_cursor(self) -> int | None:
+        """The store's cursor for "now" if it offers one (``PostgresStore.cursor()``), else None.
+
+        Pinning it before following the feed means no change committed after ``__aenter__`` is missed,
+        whenever the feed's first poll happens, and gives the first checkpoint a real cursor.
+        """
+        cursor = getattr(self._store, "cursor", None)
+        if cursor is None:
+            return None
+        value: int = await cursor()
+        return value
+
     def _start_cursor(self) -> int:
         return self._feed_after if self._feed_after is not None else 0
 
@@ -469,7 +481,7 @@ class Node:
         """Follow the feed until the node stops; resume after errors, re-read after a view change."""
         with anyio.CancelScope() as scope:
             self._background.append(scope)
-            cursor = self._feed_after
+            cursor = self._feed_after if self._feed_after is not None else await self._current_cursor()
             started = False
             retrying = AsyncRetrying(
                 wait=wait_random_exponential(multiplier=0.05, max=2.0),

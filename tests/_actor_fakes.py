@@ -1,0 +1,83 @@
+"""Store wrappers for actor and node tests: a load gate the test controls, and a store that fails."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+
+from storage import Change, Graph, GraphStore, Op, StoreUnavailable
+
+
+class WrappedStore:
+    """Delegates every ``GraphStore`` method to ``inner`` and counts loads; subclasses change ``load``."""
+
+    def __init__(self, inner: GraphStore) -> None:
+        self.inner = inner
+        self.loads = 0
+
+    async def create_root(self, root_id: str, data: dict[str, Any]) -> int:
+        return await self.inner.create_root(root_id, data)
+
+    async def apply(self, root_id: str, ops: Sequence[Op], *, expected_version: int | None = None) -> int:
+        return await self.inner.apply(root_id, ops, expected_version=expected_version)
+
+    async def load(self, root_id: str) -> Graph:
+        self.loads += 1
+        return await self.inner.load(root_id)
+
+    async def version(self, root_id: str) -> int:
+        return await self.inner.version(root_id)
+
+    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
+        return self.inner.changes(after=after)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class GatedStore(WrappedStore):
+    """``hold(n)``: the next ``n`` loads take their snapshot, then wait until ``release()``.
+
+    Taking the snapshot first makes the held load a slow rebuild of an old version, as in production.
+    """
+
+    def __init__(self, inner: GraphStore) -> None:
+        super().__init__(inner)
+        self.entered = anyio.Event()
+        self._gate = anyio.Event()
+        self._to_hold = 0
+
+    def hold(self, loads: int = 1) -> None:
+        self._gate = anyio.Event()
+        self.entered = anyio.Event()
+        self._to_hold = loads
+
+    def release(self) -> None:
+        self._to_hold = 0
+        self._gate.set()
+
+    async def load(self, root_id: str) -> Graph:
+        graph = await super().load(root_id)
+        if self._to_hold > 0:
+            self._to_hold -= 1
+            gate = self._gate
+            self.entered.set()
+            await gate.wait()
+        return graph
+
+
+class FlakyStore(WrappedStore):
+    """The first ``failures`` loads raise ``StoreUnavailable``; later ones work."""
+
+    def __init__(self, inner: GraphStore, failures: int) -> None:
+        super().__init__(inner)
+        self.failures_left = failures
+
+    async def load(self, root_id: str) -> Graph:
+        self.loads += 1
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise StoreUnavailable("injected failure")
+        return await self.inner.load(root_id)
