@@ -187,6 +187,6 @@ UNLOCK = Script(
     """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {4} end
 redis.call('DEL', KEYS[1])
-return {0}
+return {0, 0}
 """,
 )
