@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Self
 
 import anyio
 from redis import exceptions as rex
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -81,6 +81,7 @@ class RedisCache:
         floor_ttl: float = DEFAULT_INVALIDATE_TTL,
         close_client: bool = False,
         address: str | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
         if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
             raise ValueError(f"namespace must match [A-Za-z0-9_.-]+, got {namespace!r}")
@@ -93,6 +94,8 @@ class RedisCache:
         self._address = address or _describe(client)
         self._closed = False
         self._lock_waiters = 0
+        # A RedisCluster client raises instead of queueing when a node's pool is exhausted: queue here.
+        self._limiter = None if max_concurrency is None else anyio.CapacityLimiter(max_concurrency)
 
     @classmethod
     def from_url(
@@ -104,13 +107,16 @@ class RedisCache:
         connect_timeout: float = 2.0,
         socket_timeout: float = 2.0,
         max_connections: int = 64,
+        pool_timeout: float = 10.0,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         floor_ttl: float = DEFAULT_INVALIDATE_TTL,
     ) -> RedisCache:
         """Connect lazily to ``url``; every call is bounded by the connect and socket timeouts.
 
-        No automatic retries: a script such as ``insert`` is not idempotent, so a failed call raises
-        ``CacheUnavailable`` and the caller decides. Dead pooled connections are replaced by themselves.
+        At most ``max_connections`` calls run at once (per node on a Cluster); the others queue for up
+        to ``pool_timeout`` seconds. No automatic retries: a script such as ``insert`` is not
+        idempotent, so a failed call raises ``CacheUnavailable`` and the caller decides. Dead pooled
+        connections are replaced by themselves once Redis is back.
         """
         options: dict[str, Any] = {
             "socket_connect_timeout": connect_timeout,
@@ -122,7 +128,10 @@ class RedisCache:
         if cluster:
             client = RedisCluster.from_url(url, **options)
         else:
-            client = Redis.from_url(url, health_check_interval=1, **options)
+            pool = BlockingConnectionPool.from_url(
+                url, timeout=pool_timeout, health_check_interval=1, **options
+            )
+            client = Redis.from_pool(pool)
         return cls(
             client,
             namespace=namespace,
@@ -130,15 +139,14 @@ class RedisCache:
             floor_ttl=floor_ttl,
             close_client=True,
             address=_redact(url),
+            max_concurrency=max_connections if cluster else None,
         )
 
     # -- reads -------------------------------------------------------------------------------------
 
     async def get(self, key: str, *, type: Any = None) -> CacheItem | None:
         check_key(key)
-        self._check_open()
-        with self._mapped():
-            reply: list[Any] = await self._client.hmget(self._key(key, b"i"), [b"v", b"d"])
+        reply = await self._read(self._key(key, b"i"))
         if reply[1] is None:
             return None
         return CacheItem(key, decode_value(reply[1], type), int(reply[0]))
@@ -306,8 +314,24 @@ class RedisCache:
         except rex.RedisError as exc:
             raise CacheError(f"Redis at {self._address} failed: {exc!r}") from exc
 
+    async def _read(self, item_key: bytes) -> list[Any]:
+        """The item hash's version and data in one HMGET."""
+        self._check_open()
+        if self._limiter is None:
+            with self._mapped():
+                return await self._client.hmget(item_key, [b"v", b"d"])
+        async with self._limiter:
+            with self._mapped():
+                return await self._client.hmget(item_key, [b"v", b"d"])
+
     async def _run(self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[object, ...]) -> Any:
         self._check_open()
+        if self._limiter is None:
+            return await self._eval(script, keys, args)
+        async with self._limiter:
+            return await self._eval(script, keys, args)
+
+    async def _eval(self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[object, ...]) -> Any:
         with self._mapped():
             try:
                 return await self._client.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
