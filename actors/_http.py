@@ -51,14 +51,15 @@ def _parse_request_line(head: bytes) -> tuple[str, str]:
 
 
 async def _read_head(stream: anyio.abc.ByteStream) -> bytes:
-    buffered = BufferedByteReceiveStream(stream)
+    too_large = _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
     try:
-        with anyio.fail_after(HEAD_TIMEOUT):
-            return await buffered.receive_until(b"\r\n\r\n", MAX_HEAD_BYTES)
-    except TimeoutError:
-        raise _BadRequest(HTTPStatus.REQUEST_TIMEOUT) from None
+        head = await BufferedByteReceiveStream(stream).receive_until(b"\r\n\r\n", MAX_HEAD_BYTES)
     except anyio.DelimiterNotFound:
-        raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE) from None
+        raise too_large from None
+    # receive_until enforces its limit only while it waits: a big head that came in one read passes it
+    if len(head) > MAX_HEAD_BYTES:
+        raise too_large
+    return head
 
 
 def _response(status: int, content_type: str, body: bytes, *, head_only: bool = False) -> bytes:
@@ -92,14 +93,27 @@ async def _dispatch(head: bytes, routes: Mapping[str, Route]) -> bytes:
     return _response(status, content_type, body, head_only=method == "HEAD")
 
 
-async def _handle(stream: anyio.abc.SocketStream, routes: Mapping[str, Route]) -> None:
+async def _answer(
+    stream: anyio.abc.ByteStream, routes: Mapping[str, Route], head_timeout: float
+) -> bytes | None:
+    """The response to the request on ``stream``; None if the client left mid-request."""
+    try:
+        with anyio.fail_after(head_timeout):
+            head = await _read_head(stream)
+        return await _dispatch(head, routes)
+    except TimeoutError:
+        return _error(HTTPStatus.REQUEST_TIMEOUT)
+    except _BadRequest as exc:
+        return _error(exc.status)
+    except (anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        return None
+
+
+async def _handle(stream: anyio.abc.SocketStream, routes: Mapping[str, Route], head_timeout: float) -> None:
     async with stream:
-        try:
-            response = await _dispatch(await _read_head(stream), routes)
-        except _BadRequest as exc:
-            response = _error(exc.status)
-        except (anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            return  # the client went away before sending a whole request head
+        response = await _answer(stream, routes, head_timeout)
+        if response is None:
+            return
         try:
             await stream.send(response)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -111,10 +125,12 @@ async def serve_http(
     port: int,
     routes: Mapping[str, Route],
     *,
+    head_timeout: float = HEAD_TIMEOUT,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``routes`` on ``host:port`` until cancelled; ``task_status.started(port)`` reports the
-    bound port (``port=0`` picks a free one; ``host=None`` listens on every interface)."""
+    bound port (``port=0`` picks a free one; ``host=None`` listens on every interface). A client that
+    has not sent a whole request head within ``head_timeout`` seconds gets 408."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise InvalidPort(f"port must be an int in 0..65535, got {port!r}")
     routes = dict(routes)
@@ -126,7 +142,7 @@ async def serve_http(
 
         async def handle(stream: anyio.abc.SocketStream) -> None:
             try:
-                await _handle(stream, routes)
+                await _handle(stream, routes, head_timeout)
             except Exception:  # one broken connection must never stop the server
                 logger.exception("http: connection failed")
 
