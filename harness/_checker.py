@@ -121,8 +121,12 @@ class _Tally:
     examples: list[Violation] = field(default_factory=list)
     _shown: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
+    def wants(self, kind: Kind) -> bool:
+        """Whether another example of ``kind`` would be kept (so costly details can be skipped)."""
+        return self._shown[kind] < self.max_examples
+
     def example(self, kind: Kind, root: str, detail: str) -> None:
-        if self._shown[kind] < self.max_examples:
+        if self.wants(kind):
             self._shown[kind] += 1
             self.examples.append(Violation(kind, root, detail))
 
@@ -249,16 +253,23 @@ def _judge_torn(root_id: str, root: _Root, tally: _Tally) -> None:
             tally.unjudged += 1
         elif read.hash != expected[read.version]:
             tally.torn += 1
-            tally.example(
-                "G2",
-                root_id,
-                f"{read.process} read v{read.version} with hash {read.hash} ({tally.at(read.end)}), "
-                f"the committed graph at v{read.version} hashes to {expected[read.version]}",
-            )
+            if tally.wants("G2"):
+                tally.example("G2", root_id, _torn_detail(root_id, root, read, expected[read.version], tally))
 
 
-def _committed_hashes(root_id: str, root: _Root, wanted: set[int]) -> dict[int, str]:
-    """Replay versions 1, 2, ... while each is known; hash the state at the versions some read saw."""
+def _torn_detail(root_id: str, root: _Root, read: _Read, expected: str, tally: _Tally) -> str:
+    """Say which committed version, if any, the torn read's content belongs to (a second replay)."""
+    every = _committed_hashes(root_id, root, None)
+    matches = [f"v{version}" for version, digest in every.items() if digest == read.hash]
+    content = f"the content of {', '.join(matches)}" if matches else "content no known version had"
+    return (
+        f"{read.process} read v{read.version} ({tally.at(read.end)}) holding {content}; "
+        f"the committed graph at v{read.version} hashes to {expected}, the read to {read.hash}"
+    )
+
+
+def _committed_hashes(root_id: str, root: _Root, wanted: set[int] | None) -> dict[int, str]:
+    """Replay versions 1, 2, ... while each is known; hash the state at ``wanted`` versions (None: all)."""
     rows: dict[str, tuple[str | None, dict[str, Any]]] = {}
     hashes: dict[int, str] = {}
     version = 1
@@ -266,7 +277,7 @@ def _committed_hashes(root_id: str, root: _Root, wanted: set[int]) -> dict[int, 
         if commit.ops is None:
             break
         _apply(rows, _decode_ops(root_id, version, commit.ops))
-        if version in wanted or commit.hash is not None:
+        if wanted is None or version in wanted or commit.hash is not None:
             hashes[version] = rows_hash((nid, parent, data) for nid, (parent, data) in rows.items())
         if commit.hash is not None and commit.hash != hashes[version]:
             raise HistoryError(

@@ -165,8 +165,15 @@ def test_torn_graph_is_found() -> None:
     assert report.torn == 1
     [example] = report.examples
     assert (example.kind, example.root) == ("G2", "r")
-    assert f"reader-1 read v2 with hash {H3}" in example.detail
-    assert f"hashes to {H2}" in example.detail
+    assert example.detail.startswith("reader-1 read v2 (t=+2.300000s) holding the content of v3;")
+    assert example.detail.endswith(f"the committed graph at v2 hashes to {H2}, the read to {H3}")
+
+
+def test_torn_content_of_no_version_is_named_so() -> None:
+    """A torn read whose content matches no committed version says so."""
+    report = check([*three_versions(), *read("r", 2.2, 2.3, 3, "f" * 24)])
+    assert report.torn == 1
+    assert "holding content no known version had" in report.examples[0].detail
 
 
 def test_a_version_never_committed_is_torn() -> None:
