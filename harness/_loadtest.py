@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import msgspec
 
 from actors import Node, StaticMembership, graph_key
@@ -208,7 +209,7 @@ async def run_compare(
     interrupt = interrupt or Stopper()
     results: list[StrategyResult] = []
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_interrupt, interrupt)
+        await tg.start(_watch_interrupt, interrupt)
         for name in names:
             if interrupt.stopped:
                 break
@@ -217,8 +218,11 @@ async def run_compare(
     return results
 
 
-async def _watch_interrupt(interrupt: Stopper) -> None:
+async def _watch_interrupt(
+    interrupt: Stopper, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        task_status.started()
         async for _ in signals:
             print("\ninterrupted: stopping the writers, then settling and reporting what was measured")
             interrupt.stop()

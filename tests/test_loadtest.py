@@ -1,0 +1,148 @@
+"""The load generator on the memory backends: every strategy runs, is checked, and is reported."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from harness import StrategyResult, _loadtest, read_history
+from harness._loadtest import LoadConfig, run_compare
+from harness._strategies import NAMES
+
+
+def loadtest(argv: list[str]) -> int:
+    """``run.py loadtest ARGV`` (the same add_arguments/run pair run.py wires up)."""
+    parser = argparse.ArgumentParser()
+    _loadtest.add_arguments(parser)
+    return _loadtest.run(parser.parse_args(argv))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SMOKE = ["--duration", "1.5", "--settle", "3", "--no-progress", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    """One short ``loadtest --compare`` on the embedded backends, shared by the tests below."""
+    out = tmp_path_factory.mktemp("compare")
+    code = loadtest(["--compare", *SMOKE, "--out", str(out)])
+    return code, out
+
+
+def results_of(out: Path) -> dict[str, StrategyResult]:
+    payload = json.loads((out / "report.json").read_bytes())
+    results = msgspec.convert(payload["results"], list[StrategyResult])
+    return {r.strategy: r for r in results}
+
+
+def test_compare_reports_every_strategy(compare_run: tuple[int, Path]) -> None:
+    """report.json has one row per strategy, in compare order, each with committed updates and reads."""
+    code, out = compare_run
+    results = results_of(out)
+    assert code == 0
+    assert list(results) == list(NAMES)
+    assert all(r.updates > 0 and r.check.reads > 0 for r in results.values())
+
+
+def test_graphcache_keeps_its_guarantees(compare_run: tuple[int, Path]) -> None:
+    """actor: no regression, no torn graph, every written root converged, fewer rebuilds than updates."""
+    actor = results_of(compare_run[1])["actor"]
+    assert (actor.check.regressions, actor.check.torn, actor.check.stale) == (0, 0, 0)
+    assert actor.check.unread_at_end == 0
+    assert 0 < actor.rebuilds < actor.updates
+
+
+def test_naive_is_caught(compare_run: tuple[int, Path]) -> None:
+    """naive: the checker finds regressions or torn graphs, with examples naming the root."""
+    naive = results_of(compare_run[1])["naive"]
+    assert naive.check.regressions + naive.check.torn > 0
+    assert naive.check.examples
+    assert all(v.root.startswith("root-") for v in naive.check.examples)
+
+
+def test_writer_side_strategies_rebuild_once_per_update(compare_run: tuple[int, Path]) -> None:
+    """cas, naive and checkset load once per committed update; none never does."""
+    results = results_of(compare_run[1])
+    for name in ("cas", "naive", "checkset"):
+        assert results[name].rebuilds == results[name].updates
+    assert results["none"].rebuilds == 0
+    assert results["none"].check.absent_reads == results["none"].check.reads
+
+
+def test_histories_chart_and_json_are_written(compare_run: tuple[int, Path]) -> None:
+    """Each strategy keeps its histories (writes, reads, final versions); report.png is a PNG."""
+    out = compare_run[1]
+    assert (out / "report.png").read_bytes().startswith(PNG_SIGNATURE)
+    for name in NAMES:
+        events = read_history(*sorted((out / name).glob("*.jsonl")))
+        ops = {(e.op, e.type) for e in events}
+        assert {("create", "ok"), ("write", "ok"), ("read", "ok"), ("final", "ok")} <= ops
+
+
+def test_same_seed_same_workload(tmp_path: Path) -> None:
+    """Two runs with one seed send the first writes of each writer task to the same roots."""
+
+    def first_roots(out: Path) -> dict[str, str]:
+        firsts: dict[str, str] = {}
+        for e in read_history(*sorted(out.glob("*/*.jsonl"))):
+            if e.op == "write" and e.type == "invoke":
+                firsts.setdefault(e.process, e.root)
+        return firsts
+
+    config = LoadConfig(duration=0.3, settle=0.5, writers=16, readers=1, progress=False, seed=3)
+    anyio.run(run_compare, config, ["none"], tmp_path / "a")
+    anyio.run(run_compare, config, ["cas"], tmp_path / "b")
+    a, b = first_roots(tmp_path / "a"), first_roots(tmp_path / "b")
+    assert len(a) == 16
+    assert a == b
+
+
+def test_ctrl_c_stops_with_a_partial_report(tmp_path: Path) -> None:
+    """SIGINT during the first strategy ends it, skips the rest, and still returns its checked result."""
+
+    async def main() -> list[StrategyResult]:
+        config = LoadConfig(duration=600, settle=1, writers=8, readers=1, progress=False)
+        async with anyio.create_task_group() as tg:
+            results: list[StrategyResult] = []
+
+            async def load() -> None:
+                results.extend(await run_compare(config, ["cas", "naive"], tmp_path))
+
+            tg.start_soon(load)
+            history = tmp_path / "cas" / "embedded.jsonl"
+            with anyio.fail_after(30):
+                # the writers' first flushed events: a file condition, polled under a deadline
+                while not (history.exists() and history.stat().st_size > 0):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+        return results
+
+    results = anyio.run(main)
+    assert [r.strategy for r in results] == ["cas"]
+    assert results[0].updates > 0
+    assert results[0].check.torn == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--redis", "redis://127.0.0.1:6379/0"], "--redis and --postgres go together"),
+        (["--writers", "0"], "--writers must be positive"),
+        (["--duration", "0"], "--duration must be > 0"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_runs(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Inconsistent flags exit 2 with a specific message and write nothing."""
+    code = loadtest([*argv, "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert message in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
