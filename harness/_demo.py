@@ -76,14 +76,17 @@ def demo_config(args: argparse.Namespace) -> LoadConfig:
         raise ValueError("--duration, --writers, --roots and --nodes must be positive")
     return LoadConfig(
         roots=args.roots, dist="uniform", writers=args.writers, writer_procs=2, readers=8, reader_procs=1,
-        read_rate=200.0, duration=args.duration, settle=3.0, seed=args.seed, nodes=args.nodes,
-        redis=args.redis, postgres=args.postgres, progress=not args.no_progress,
+        read_rate=200.0, load_latency=0.01, duration=args.duration, settle=3.0, seed=args.seed,
+        nodes=args.nodes, redis=args.redis, postgres=args.postgres, progress=not args.no_progress,
     )  # fmt: skip
 
 
-async def run_demo(config: LoadConfig, out: Path) -> DemoResult:
-    """Both columns on the same workload and seed; histories go to ``out``."""
-    naive, actor = await run_compare(config, STRATEGIES, out)
+async def run_demo(config: LoadConfig, out: Path) -> DemoResult | None:
+    """Both columns on the same workload and seed (histories go to ``out``); None if interrupted early."""
+    results = await run_compare(config, STRATEGIES, out)
+    if len(results) < len(STRATEGIES):
+        return None
+    naive, actor = results
     return DemoResult(naive=DemoColumn.from_result(naive), graphcache=DemoColumn.from_result(actor))
 
 
@@ -125,7 +128,9 @@ def _verdict(result: DemoResult) -> list[str]:
             f"{ours.updates:,} updates ({share:.2f} per update): bursts coalesce into one rebuild."
         )
     else:
-        said.append("graphcache: VIOLATIONS FOUND; please report this run (histories kept).")
+        said.append(
+            "graphcache: VIOLATIONS FOUND; please report this run (loadtest --out DIR keeps histories)."
+        )
     return said
 
 
@@ -139,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphcache-demo-")))
         result = anyio.run(run_demo, config, out)
+    if result is None:
+        print("demo: interrupted before both columns ran")
+        return 1
     print(format_demo(result))
     ours = result.graphcache
     return 0 if ours.regressions == ours.torn == ours.stale == 0 else 1

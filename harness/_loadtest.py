@@ -44,6 +44,7 @@ from ._workload import (
     Dist,
     Lane,
     RootPicker,
+    SlowLoads,
     Stopper,
     create_roots,
     read_loop,
@@ -76,6 +77,7 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 1
     nodes: int = 2
     latency: tuple[float, float] = (0.0005, 0.002)
+    load_latency: float = 0.005
     redis: str | None = None
     postgres: str | None = None
     progress: bool = True
@@ -126,6 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--latency", type=float, nargs=2, default=(0.0005, 0.002), metavar=("MIN", "MAX"),
         help="embedded store's simulated I/O latency in seconds (default 0.0005 0.002)",
     )  # fmt: skip
+    load.add_argument(
+        "--load-latency", type=float, default=0.005, metavar="SECONDS",
+        help="embedded store: extra seconds per whole-graph load, which costs more than a one-row write "
+        "(default 0.005)",
+    )  # fmt: skip
     where = parser.add_argument_group("where")
     where.add_argument("--redis", metavar="URL", help="real Redis (with --postgres); default: embedded")
     where.add_argument("--postgres", metavar="DSN", help="real PostgreSQL (with --redis)")
@@ -142,14 +149,18 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     for name in ("roots", "writers", "writer_procs", "readers", "reader_procs", "nodes"):
         if getattr(args, name) < (0 if name == "readers" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if args.duration <= 0 or args.settle < 0 or args.rate < 0 or args.read_rate < 0:
-        raise ValueError("--duration must be > 0; --settle, --rate and --read-rate must be >= 0")
+    if (
+        args.duration <= 0
+        or min(args.settle, args.rate, args.read_rate, args.load_latency, *args.latency) < 0
+    ):
+        raise ValueError("--duration must be > 0; --settle, --rate, --read-rate and latencies must be >= 0")
     return LoadConfig(
         roots=args.roots, dist=args.dist, zipf_s=args.zipf_s, writers=args.writers,
         writer_procs=min(args.writer_procs, args.writers), readers=args.readers,
         reader_procs=max(1, min(args.reader_procs, args.readers)), read_rate=args.read_rate, rate=args.rate,
         duration=args.duration, settle=args.settle, seed=args.seed, nodes=args.nodes,
-        latency=tuple(args.latency), redis=args.redis, postgres=args.postgres, progress=not args.no_progress,
+        latency=tuple(args.latency), load_latency=args.load_latency, redis=args.redis, postgres=args.postgres,
+        progress=not args.no_progress,
     )  # fmt: skip
 
 
@@ -397,7 +408,8 @@ def _sample(lags: list[float], seed: int) -> list[float]:
 async def _environment(config: LoadConfig) -> AsyncIterator[_Env]:
     if config.redis is None or config.postgres is None:
         async with MemoryStore(latency=config.latency, seed=config.seed) as store, MemoryCache() as cache:
-            yield _Env(config, store, cache)
+            slow = SlowLoads(store, config.load_latency) if config.load_latency > 0 else store
+            yield _Env(config, slow, cache)
         return
     run_id = uuid.uuid4().hex[:10]
     namespace, schema = f"gclt{run_id}", f"gclt_{run_id}"

@@ -14,7 +14,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ import msgspec
 
 from actors import graph_key
 from cache import CacheError, VersionedCache
-from storage import ConcurrencyConflict, Graph, GraphStore, Node, Op, StoreError, Upsert
+from storage import Change, ConcurrencyConflict, Graph, GraphStore, Node, Op, StoreError, Upsert
 
 from ._history import Event, HistoryWriter, graph_hash
 from ._strategies import Strategy, Tally
@@ -33,6 +33,7 @@ __all__ = (
     "Dist",
     "Lane",
     "RootPicker",
+    "SlowLoads",
     "Stopper",
     "create_roots",
     "initial_graph",
@@ -226,3 +227,38 @@ async def read_loop(lane: Lane, cache: VersionedCache) -> None:
             logger.warning("read of %s failed: %r", root_id, exc)
             lane.history.record(Event(lane.process, "fail", "read", root_id, _now()))
         await pacer.wait()
+
+
+class SlowLoads:
+    """A ``GraphStore`` whose whole-graph ``load`` costs ``extra`` more seconds than the wrapped store's.
+
+    The embedded runs use it to model the problem this project exists for: loading a whole graph (many rows)
+    costs far more than committing a one-row change. Every strategy goes through the same wrapper.
+    """
+
+    def __init__(self, store: GraphStore, extra: float) -> None:
+        self._store = store
+        self._extra = extra
+
+    def __repr__(self) -> str:
+        return f"<SlowLoads +{self._extra * 1000:.1f}ms {self._store!r}>"
+
+    async def create_root(self, root_id: str, data: dict[str, Any]) -> int:
+        return await self._store.create_root(root_id, data)
+
+    async def apply(self, root_id: str, ops: Sequence[Op], *, expected_version: int | None = None) -> int:
+        return await self._store.apply(root_id, ops, expected_version=expected_version)
+
+    async def load(self, root_id: str) -> Graph:
+        graph = await self._store.load(root_id)
+        await anyio.sleep(self._extra)  # the snapshot is taken; the rows take time to arrive
+        return graph
+
+    async def version(self, root_id: str) -> int:
+        return await self._store.version(root_id)
+
+    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
+        return self._store.changes(after=after)
+
+    async def aclose(self) -> None:
+        await self._store.aclose()
