@@ -228,6 +228,16 @@ class RootActor:
             await self._rebuild(self._wanted, since)
 
     async def _rebuild(self, target: int, since: float | None) -> None:
+        try:
+            await self._rebuild_once(target, since)  # the common case, without the retry machinery
+        except Exception as exc:  # broad on purpose: a failing root must never take the node down
+            if not _is_transient(exc):
+                self._give_up(target, exc)
+                return
+            self._note_failure(1, 0.0, exc)
+            await self._rebuild_with_retries(target, since)
+
+    async def _rebuild_with_retries(self, target: int, since: float | None) -> None:
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=self._retry_initial, max=self._retry_max),
             retry=retry_if_exception(_is_transient),
@@ -298,16 +308,15 @@ class RootActor:
         self._progress = anyio.Event()
 
     def _on_retry(self, state: RetryCallState) -> None:
+        exc: Any = state.outcome.exception() if state.outcome is not None else None
+        self._note_failure(state.attempt_number + 1, state.upcoming_sleep, exc)
+
+    def _note_failure(self, attempt: int, pause: float, exc: BaseException | None) -> None:
         self._failing = True
         self._failures += 1
         self._counters.failures += 1
-        exc: Any = state.outcome.exception() if state.outcome is not None else None
         logger.warning(
-            "rebuild of %r failed (attempt %d), retrying in %.2fs: %r",
-            self.root_id,
-            state.attempt_number,
-            state.upcoming_sleep,
-            exc,
+            "rebuild of %r failed (attempt %d), retrying in %.2fs: %r", self.root_id, attempt, pause, exc
         )
 
     def _give_up(self, target: int, exc: Exception) -> None:

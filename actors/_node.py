@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 Consistency = Literal["bounded", "strict"]
 _CONSISTENCIES = ("bounded", "strict")
-_MAX_RELOADS = 3  # read-through reloads when an invalidation floor refuses the graph just loaded
 
 
 class _Flight:
@@ -293,18 +292,18 @@ class Node:
     # -- reads ---------------------------------------------------------------------------------------
 
     async def _get(self, root_id: str, floor: int) -> Graph:
-        ticket = self._flight_seq  # a flight numbered above this one started after this call did
+        # Only a load that starts after this call may answer it: it then sees every version committed
+        # before the call, so it is never older than anything a reader saw before (G1), nor than a
+        # write acknowledged before (strict mode, G5). Concurrent misses still share one load.
+        ticket = self._flight_seq
         cached = await self._cached(root_id, floor)
         if cached is not None:
             self._read_hits += 1
             return cached
-        graph = await self._join(root_id, after=0)
-        if graph.version >= floor:
-            return graph
-        graph = await self._join(root_id, after=ticket)  # the joined load may predate min_version
-        if graph.version >= floor:
-            return graph
-        raise VersionNotReached(root_id, floor, graph.version)
+        graph = await self._join(root_id, after=ticket)
+        if graph.version < floor:
+            raise VersionNotReached(root_id, floor, graph.version)
+        return graph
 
     async def _cached(self, root_id: str, floor: int) -> Graph | None:
         try:
@@ -343,24 +342,20 @@ class Node:
             flight.done.set()
 
     async def _read_through(self, root_id: str) -> Graph:
-        """Load and cache; if the cache holds (or has invalidated to) something newer, return that.
-
-        So a reader that joins this flight never gets a graph older than one the cache already served.
-        """
+        """Load and cache; if the cache already holds something newer, return that instead."""
         key = graph_key(root_id)
-        for _ in range(_MAX_RELOADS):
-            graph = await self._store.load(root_id)
-            self._read_loads += 1
-            try:
-                if await self._cache.put_if_newer(key, graph, graph.version):
-                    return graph
-                item = await self._cache.get(key, type=Graph)
-            except (CacheError, msgspec.DecodeError) as exc:
-                logger.warning("cache unavailable for %r, serving the store's graph: %r", root_id, exc)
+        graph = await self._store.load(root_id)
+        self._read_loads += 1
+        try:
+            if await self._cache.put_if_newer(key, graph, graph.version):
                 return graph
-            if item is not None and item.version >= graph.version:
-                newer: Graph = item.value
-                return newer
+            item = await self._cache.get(key, type=Graph)
+        except (CacheError, msgspec.DecodeError) as exc:
+            logger.warning("cache unavailable for %r, serving the store's graph: %r", root_id, exc)
+            return graph
+        if item is not None and item.version > graph.version:
+            newer: Graph = item.value
+            return newer
         return graph
 
     # -- notifications -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from storage import Change, Graph, GraphStore, Op, StoreUnavailable
 
@@ -81,3 +82,34 @@ class FlakyStore(WrappedStore):
             self.failures_left -= 1
             raise StoreUnavailable("injected failure")
         return await self.inner.load(root_id)
+
+
+class ManualMembership:
+    """A ``Membership`` whose view the test sets with ``publish``."""
+
+    def __init__(self, view: set[str]) -> None:
+        self._view = frozenset(view)
+        self._changed = anyio.Event()
+
+    async def run(
+        self, node_id: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+    def members(self) -> frozenset[str]:
+        return self._view
+
+    async def views(self) -> AsyncIterator[frozenset[str]]:
+        seen: frozenset[str] | None = None
+        while True:
+            view, changed = self._view, self._changed
+            if view != seen:
+                seen = view
+                yield view
+            await changed.wait()
+
+    def publish(self, view: set[str]) -> None:
+        self._view = frozenset(view)
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()

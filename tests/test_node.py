@@ -1,0 +1,332 @@
+"""Node on MemoryStore + MemoryCache: read-through, min_version, strict mode, hand-over, passivation."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from actors import (
+    InvalidArgument,
+    Node,
+    NodeNotRunning,
+    ReadTimeout,
+    Ring,
+    StaticMembership,
+    VersionNotReached,
+    graph_key,
+)
+from cache import MemoryCache
+from storage import Graph, MemoryStore, Upsert
+from tests._actor_fakes import FlakyStore, GatedStore, ManualMembership
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def cache() -> AsyncIterator[MemoryCache]:
+    async with MemoryCache() as cache:
+        yield cache
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    store = MemoryStore()
+    await store.create_root("r", {"name": "root"})
+    yield store
+    await store.aclose()
+
+
+async def add_child(store: MemoryStore | Node, root_id: str, child: str) -> int:
+    """One write: a new child, so a graph at version v has exactly v - 1 children."""
+    return await store.apply(root_id, [Upsert(child, root_id, {"child": child})])
+
+
+def assert_whole(graph: Graph) -> None:
+    assert len(graph.nodes) - 1 == graph.version - 1, f"torn graph: {graph}"
+
+
+async def cached_version(cache: MemoryCache, root_id: str) -> int | None:
+    item = await cache.get(graph_key(root_id), type=Graph)
+    return None if item is None else item.version
+
+
+async def test_concurrent_misses_share_one_load(store: MemoryStore, cache: MemoryCache) -> None:
+    """500 concurrent get() misses of one root cause exactly one store load and all get the graph."""
+    gated = GatedStore(store)
+    results: list[Graph] = []
+
+    async def read(node: Node) -> None:
+        results.append(await node.get("r"))
+
+    async with Node(store=gated, cache=cache, node_id="a") as node:
+        gated.hold(1)
+        async with anyio.create_task_group() as tg:
+            for _ in range(500):
+                tg.start_soon(read, node)
+            await gated.entered.wait()
+            await anyio.wait_all_tasks_blocked()  # every reader is waiting on the one load
+            gated.release()
+        stats = node.statistics()
+    assert gated.loads == 1
+    assert len(results) == 500
+    assert {graph.version for graph in results} == {1}
+    assert (stats.reads, stats.read_hits, stats.read_loads) == (500, 0, 1)
+    assert await cached_version(cache, "r") == 1
+
+
+async def test_min_version_never_returns_older(cache: MemoryCache) -> None:
+    """get(min_version=v) after a commit of v elsewhere never returns an older graph (G5)."""
+    store = MemoryStore(latency=(0.0, 0.001), seed=7)
+    roots = [f"r{i}" for i in range(3)]
+    for root in roots:
+        await store.create_root(root, {})
+    checked = 0
+
+    async def write_then_read(node: Node, worker: int) -> None:
+        nonlocal checked
+        rng = random.Random(worker)
+        for i in range(20):
+            root = rng.choice(roots)
+            version = await add_child(store, root, f"w{worker}-{i}")  # another node's write
+            graph = await node.get(root, min_version=version)
+            assert graph.version >= version
+            assert_whole(graph)
+            checked += 1
+
+    async with Node(store=store, cache=cache, node_id="a") as node, anyio.create_task_group() as tg:
+        for worker in range(10):
+            tg.start_soon(write_then_read, node, worker)
+    await store.aclose()
+    assert checked == 200
+
+
+async def test_min_version_beyond_the_store_is_refused(store: MemoryStore, cache: MemoryCache) -> None:
+    """Asking for a version the store never committed raises VersionNotReached with both versions."""
+    async with Node(store=store, cache=cache, node_id="a") as node:
+        with pytest.raises(VersionNotReached, match="committed at version 1, older than 5") as info:
+            await node.get("r", min_version=5)
+    assert (info.value.min_version, info.value.committed) == (5, 1)
+
+
+async def test_bounded_serves_the_previous_version_while_strict_does_not(store: MemoryStore) -> None:
+    """During a slow rebuild, bounded mode serves the previous graph and strict mode the new one."""
+    served = {}
+    for consistency in ("bounded", "strict"):
+        gated = GatedStore(store)
+        async with (
+            MemoryCache() as cache,
+            Node(store=gated, cache=cache, node_id="a", consistency=consistency) as node,
+        ):
+            before = await node.get("r")
+            gated.hold(1)  # the actor's rebuild will hang
+            version = await add_child(node, "r", f"c-{consistency}")
+            await gated.entered.wait()
+            served[consistency] = ((await node.get("r")).version, before.version, version)
+            gated.release()
+    assert served["bounded"][0] == served["bounded"][1] < served["bounded"][2]
+    assert served["strict"][0] == served["strict"][2]
+
+
+async def test_strict_readers_never_see_older_than_an_acknowledged_write(cache: MemoryCache) -> None:
+    """In strict mode, a read started after apply() returned v sees v or newer, never torn."""
+    store = MemoryStore(latency=(0.0, 0.001), seed=3)
+    roots = ["s0", "s1"]
+    for root in roots:
+        await store.create_root(root, {})
+    acknowledged = dict.fromkeys(roots, 0)
+    reads = 0
+    writers_done = anyio.Event()
+
+    async def writer(node: Node, worker: int) -> None:
+        for i in range(25):
+            root = roots[(worker + i) % 2]
+            version = await add_child(node, root, f"w{worker}-{i}")
+            acknowledged[root] = max(acknowledged[root], version)
+
+    async def reader(node: Node, seed: int) -> None:
+        nonlocal reads
+        rng = random.Random(seed)
+        while not writers_done.is_set():
+            root = rng.choice(roots)
+            floor = acknowledged[root]
+            graph = await node.get(root)
+            assert graph.version >= floor
+            assert_whole(graph)
+            reads += 1
+
+    node = Node(store=store, cache=cache, node_id="a", consistency="strict")
+    async with node, anyio.create_task_group() as tg:
+        for seed in range(8):
+            tg.start_soon(reader, node, seed)
+        async with anyio.create_task_group() as writers:
+            for worker in range(8):
+                writers.start_soon(writer, node, worker)
+        writers_done.set()
+    await store.aclose()
+    assert reads > 0
+
+
+async def test_failing_store_recovers_and_the_node_survives(store: MemoryStore, cache: MemoryCache) -> None:
+    """A store failing 3 loads then recovering ends with the newest graph cached and 3 failures counted."""
+    flaky = FlakyStore(store, failures=3)
+    async with Node(store=flaky, cache=cache, node_id="a", retry_initial=0.001, retry_max=0.005) as node:
+        version = await add_child(node, "r", "c")
+        actor = node.actor("r")
+        assert actor is not None
+        await actor.until_built(version)
+        stats = node.statistics()
+        assert (stats.failures, stats.actors_failing, stats.rebuilds) == (3, 0, 1)
+        assert (await node.get("r")) == await store.load("r")
+
+
+async def test_gaining_roots_rereads_the_feed(cache: MemoryCache) -> None:
+    """When a member leaves, the node re-reads the feed and caches the roots it took over."""
+    store = MemoryStore()
+    roots = [f"g{i}" for i in range(40)]
+    for root in roots:
+        await store.create_root(root, {})
+    ring = Ring(["a", "b"])
+    theirs = [root for root in roots if ring.owner(root) == "b"]
+    assert 0 < len(theirs) < len(roots)
+    membership = ManualMembership({"a", "b"})
+    async with Node(store=store, cache=cache, node_id="a", membership=membership, handoff=60.0) as node:
+        versions = {root: await add_child(store, root, "c") for root in roots}
+        await anyio.wait_all_tasks_blocked()
+        assert [await cached_version(cache, root) for root in theirs] == [None] * len(theirs)
+        assert node.statistics().ignored == len(theirs)
+        membership.publish({"a"})  # b is gone
+        await anyio.wait_all_tasks_blocked()
+        cached = {root: await cached_version(cache, root) for root in roots}
+        stats = node.statistics()
+    assert cached == versions
+    assert (stats.rewinds, stats.rebuilds) == (1, len(roots))  # replayed changes of its own roots cost none
+
+
+@pytest.mark.parametrize(("handoff", "rebuilt"), [(60.0, True), (0.0, False)])
+async def test_losing_roots_keeps_serving_them_for_the_handoff(
+    cache: MemoryCache, handoff: float, rebuilt: bool
+) -> None:
+    """After a member joins, the node still rebuilds the roots it gave away until ``handoff`` passes."""
+    store = MemoryStore()
+    roots = [f"j{i}" for i in range(20)]
+    for root in roots:
+        await store.create_root(root, {})
+    moved = next(root for root in roots if Ring(["a", "b"]).owner(root) == "b")
+    membership = ManualMembership({"a"})
+    async with Node(store=store, cache=cache, node_id="a", membership=membership, handoff=handoff) as node:
+        membership.publish({"a", "b"})
+        await anyio.wait_all_tasks_blocked()
+        assert node.owns(moved) is rebuilt
+        version = await add_child(store, moved, "c")
+        await anyio.wait_all_tasks_blocked()
+    assert (await cached_version(cache, moved) == version) is rebuilt
+
+
+async def test_idle_actors_passivate_after_many_roots(cache: MemoryCache) -> None:
+    """After touching 10,000 roots and idling, no actor is left alive; a woken root rebuilds once."""
+    store = MemoryStore()
+    roots = [f"p{i}" for i in range(10_000)]
+    for root in roots:
+        await store.create_root(root, {})
+    async with Node(store=store, cache=cache, node_id="a", idle_timeout=0.05) as node:
+        for root in roots:
+            node.refresh(root)
+        deadline = time.monotonic() + 30
+        while node.statistics().actors_alive > 0:
+            assert time.monotonic() < deadline, node.statistics()
+            await anyio.sleep(0.05)
+        rebuilds = node.statistics().rebuilds
+        version = await add_child(store, roots[0], "c")  # through the feed
+        await add_child(node, roots[1], "c")  # nudged, and through the feed again
+        await anyio.wait_all_tasks_blocked()
+        stats = node.statistics()
+    assert rebuilds == 10_000
+    assert stats.rebuilds == 10_002
+    assert await cached_version(cache, roots[0]) == version
+
+
+async def test_read_timeout(store: MemoryStore, cache: MemoryCache) -> None:
+    """A read that cannot finish in time raises ReadTimeout (also a TimeoutError)."""
+    gated = GatedStore(store)
+    async with Node(store=gated, cache=cache, node_id="a") as node:
+        gated.hold(1)
+        with pytest.raises(ReadTimeout, match=re.escape("'r' did not finish within 0.05s")):
+            await node.get("r", timeout=0.05)
+        gated.release()
+        assert isinstance(ReadTimeout("x"), TimeoutError)
+
+
+async def test_repr_and_statistics(store: MemoryStore, cache: MemoryCache) -> None:
+    """repr and statistics() show membership, actors and counters as they change."""
+    node = Node(store=store, cache=cache, node_id="a", membership=StaticMembership(["a"]))
+    assert repr(node) == (
+        "<Node 'a' stopped bounded [members: 0 | actors: 0 | notifications: 0, coalesced: 0, rebuilds: 0]>"
+    )
+    async with node:
+        version = await add_child(node, "r", "c")
+        actor = node.actor("r")
+        assert actor is not None
+        await actor.until_built(version)
+        await anyio.wait_all_tasks_blocked()  # the feed's copy of the change has arrived too
+        assert repr(node) == (
+            "<Node 'a' running bounded [members: 1 | actors: 1 | "
+            "notifications: 2, coalesced: 1, rebuilds: 1]>"
+        )
+        assert (await node.get("r")).version == version
+        stats = node.statistics()
+    assert stats[:16] == ("a", 1, 1, 0, 0, 2, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0)
+    assert (stats.lag.samples, stats.rebuild_seconds.samples) == (1, 1)
+    assert repr(node).startswith("<Node 'a' stopped bounded [members: 1 | actors: 0 |")
+
+
+async def test_use_outside_async_with_is_refused(store: MemoryStore, cache: MemoryCache) -> None:
+    """get/apply on a node that is not running raise NodeNotRunning before touching the store."""
+    node = Node(store=store, cache=cache, node_id="a")
+    with pytest.raises(NodeNotRunning):
+        await node.get("r")
+    with pytest.raises(NodeNotRunning):
+        await add_child(node, "r", "c")
+    assert await store.version("r") == 1
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ({"root_id": ""}, "root_id must not be empty"),
+        ({"root_id": "x" * 1001}, "root_id is 1001 UTF-8 bytes"),
+        ({"min_version": -1}, "min_version must be in 0..2**63-1"),
+        ({"min_version": 1.0}, "min_version must be an int, not float"),
+        ({"timeout": 0}, "timeout must be finite and > 0"),
+    ],
+)
+async def test_bad_read_arguments_are_refused(
+    store: MemoryStore, cache: MemoryCache, call: dict[str, object], message: str
+) -> None:
+    """Malformed get() arguments raise InvalidArgument before any I/O."""
+    gated = GatedStore(store)
+    async with Node(store=gated, cache=cache, node_id="a") as node:
+        with pytest.raises(InvalidArgument, match=re.escape(message)):
+            await node.get(**({"root_id": "r"} | call))  # type: ignore[arg-type]
+        assert (gated.loads, node.statistics().reads) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"node_id": ""}, "a node id must be a non-empty str"),
+        ({"consistency": "eventual"}, "consistency must be one of ('bounded', 'strict')"),
+        ({"handoff": -1}, "handoff must be finite and >= 0"),
+        ({"mailbox_size": 0}, "mailbox_size must be an int >= 1"),
+        ({"feed_after": -3}, "feed_after must be in 0..2**63-1"),
+    ],
+)
+def test_bad_node_options_are_refused(option: dict[str, object], message: str) -> None:
+    """Malformed Node options raise InvalidArgument naming the option."""
+    options: dict[str, object] = {"store": MemoryStore(), "cache": MemoryCache(), "node_id": "a"} | option
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        Node(**options)  # type: ignore[arg-type]
