@@ -96,6 +96,10 @@ class RedisCache:
         self._lock_waiters = 0
         # A RedisCluster client raises instead of queueing when a node's pool is exhausted: queue here.
         self._limiter = None if max_concurrency is None else anyio.CapacityLimiter(max_concurrency)
+        # redis-py's RedisCluster races when many tasks trigger its lazy topology discovery at once
+        # (connections are closed under each other): discover once, under a lock, before the first call.
+        self._discovered = not isinstance(client, RedisCluster)
+        self._discovery = anyio.Lock()
 
     @classmethod
     def from_url(
@@ -317,6 +321,8 @@ class RedisCache:
     async def _read(self, item_key: bytes) -> list[Any]:
         """The item hash's version and data in one HMGET."""
         self._check_open()
+        if not self._discovered:
+            await self._discover()
         if self._limiter is None:
             with self._mapped():
                 return await self._client.hmget(item_key, [b"v", b"d"])
@@ -326,10 +332,20 @@ class RedisCache:
 
     async def _run(self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[object, ...]) -> Any:
         self._check_open()
+        if not self._discovered:
+            await self._discover()
         if self._limiter is None:
             return await self._eval(script, keys, args)
         async with self._limiter:
             return await self._eval(script, keys, args)
+
+    async def _discover(self) -> None:
+        async with self._discovery:
+            if not self._discovered:
+                assert isinstance(self._client, RedisCluster)
+                with self._mapped():
+                    await self._client.initialize()
+                self._discovered = True
 
     async def _eval(self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[object, ...]) -> Any:
         with self._mapped():
