@@ -10,7 +10,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from actors import Node, StaticMembership, graph_key
+from actors import Consistency, Node, StaticMembership, graph_key
 from cache import RedisCache
 from storage import Graph, PostgresStore, Upsert
 
@@ -89,6 +89,11 @@ async def wait_converged(cache: RedisCache, store: PostgresStore, deadline: floa
         await anyio.sleep(0.05)
 
 
+def split_node(store: PostgresStore, cache: RedisCache, node_id: str, consistency: Consistency) -> Node:
+    membership = StaticMembership(VIEWS[node_id])
+    return Node(store=store, cache=cache, node_id=node_id, membership=membership, consistency=consistency)
+
+
 @pytest.mark.parametrize("consistency", ["bounded", "strict"])
 async def test_split_views_keep_g1_g2_g3(
     store: PostgresStore, caches: list[RedisCache], consistency: str
@@ -100,27 +105,9 @@ async def test_split_views_keep_g1_g2_g3(
     history = History()
     done = anyio.Event()
     async with (
-        Node(
-            store=store,
-            cache=caches[0],
-            node_id="a",
-            membership=StaticMembership(VIEWS["a"]),
-            consistency=consistency,
-        ) as a,  # fmt: skip
-        Node(
-            store=store,
-            cache=caches[1],
-            node_id="b",
-            membership=StaticMembership(VIEWS["b"]),
-            consistency=consistency,
-        ) as b,  # fmt: skip
-        Node(
-            store=store,
-            cache=caches[2],
-            node_id="c",
-            membership=StaticMembership(VIEWS["c"]),
-            consistency=consistency,
-        ) as c,  # fmt: skip
+        split_node(store, caches[0], "a", consistency) as a,
+        split_node(store, caches[1], "b", consistency) as b,
+        split_node(store, caches[2], "c", consistency) as c,
     ):
         nodes = [a, b, c]
         async with anyio.create_task_group() as readers:
