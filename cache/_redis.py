@@ -55,8 +55,17 @@ __all__ = ("RedisCache", "RedisCacheStatistics")
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.-]+")
 _UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterError, rex.RedisClusterException, OSError)
+_NAME_CACHE_SIZE = 4096
+"""Keys whose Redis names are kept precomputed (the hot set of a cache is usually small)."""
 _FIRST_BACKOFF = 0.002
 _MAX_BACKOFF = 0.05
+
+
+class _Names(NamedTuple):
+    item: bytes
+    floor: bytes
+    lock: bytes
+    counter: bytes
 
 
 class RedisCacheStatistics(NamedTuple):
@@ -94,6 +103,7 @@ class RedisCache:
         self._address = address or _describe(client)
         self._closed = False
         self._lock_waiters = 0
+        self._name_cache: dict[str, _Names] = {}
         # A RedisCluster client raises instead of queueing when a node's pool is exhausted: queue here.
         self._limiter = None if max_concurrency is None else anyio.CapacityLimiter(max_concurrency)
         # redis-py's RedisCluster races when many tasks trigger its lazy topology discovery at once
@@ -149,16 +159,16 @@ class RedisCache:
     # -- reads -------------------------------------------------------------------------------------
 
     async def get(self, key: str, *, type: Any = None) -> CacheItem | None:
-        check_key(key)
-        reply = await self._read(self._key(key, b"i"))
+        names = self._names(key)
+        reply = await self._read(names.item)
         if reply[1] is None:
             return None
         return CacheItem(key, decode_value(reply[1], type), int(reply[0]))
 
     async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None:
-        check_key(key)
+        names = self._names(key)
         check_version(version)
-        reply = await self._run(lua.GET_IF_NEWER, (self._key(key, b"i"),), (version,))
+        reply = await self._run(lua.GET_IF_NEWER, (names.item,), (version,))
         if len(reply) < 3:
             return None
         return CacheItem(key, decode_value(reply[2], type), int(reply[1]))
@@ -166,18 +176,18 @@ class RedisCache:
     # -- writes ------------------------------------------------------------------------------------
 
     async def put_if_newer(self, key: str, value: Any, version: int, *, ttl: float | None = None) -> bool:
-        check_key(key)
+        names = self._names(key)
         check_version(version)
         ttl_ms = _millis(check_seconds(ttl, name="ttl"))
         data = encode_value(value, limit=self._max_value_bytes)
-        keys = (self._key(key, b"i"), self._key(key, b"f"))
+        keys = (names.item, names.floor)
         return bool(await self._run(lua.PUT_IF_NEWER, keys, (version, data, ttl_ms)))
 
     async def add(self, key: str, value: Any, *, ttl: float | None = None) -> int:
-        check_key(key)
+        names = self._names(key)
         ttl_ms = _millis(check_seconds(ttl, name="ttl"))
         data = encode_value(value, limit=self._max_value_bytes)
-        keys = (self._key(key, b"i"), self._key(key, b"f"))
+        keys = (names.item, names.floor)
         return self._version_reply(key, None, await self._run(lua.ADD, keys, (data, ttl_ms)))
 
     async def insert(
@@ -189,26 +199,26 @@ class RedisCache:
         lock: LockHandle | None = None,
         ttl: float | None = None,
     ) -> int:
-        check_key(key)
+        names = self._names(key)
         expected = "" if version is None else check_version(version)
         ttl_ms = _millis(check_seconds(ttl, name="ttl"))
         data = encode_value(value, limit=self._max_value_bytes)
-        keys = (self._key(key, b"i"), self._key(key, b"f"), self._key(key, b"l"))
+        keys = (names.item, names.floor, names.lock)
         reply = await self._run(lua.INSERT, keys, (data, ttl_ms, expected, _owner(key, lock)))
         return self._version_reply(key, version, reply, lock)
 
     async def remove(self, key: str, *, version: int | None = None, lock: LockHandle | None = None) -> bool:
-        check_key(key)
+        names = self._names(key)
         expected = "" if version is None else check_version(version)
-        keys = (self._key(key, b"i"), self._key(key, b"f"), self._key(key, b"l"))
+        keys = (names.item, names.floor, names.lock)
         reply = await self._run(lua.REMOVE, keys, (expected, _owner(key, lock), self._floor_ms))
         return self._version_reply(key, version, reply, lock) == 1
 
     async def invalidate(self, key: str, version: int, *, ttl: float = DEFAULT_INVALIDATE_TTL) -> None:
-        check_key(key)
+        names = self._names(key)
         check_version(version)
         ttl_ms = _millis(check_seconds(ttl, name="ttl", allow_none=False))
-        keys = (self._key(key, b"i"), self._key(key, b"f"))
+        keys = (names.item, names.floor)
         await self._run(lua.INVALIDATE, keys, (version, ttl_ms))
 
     # -- pessimistic locks -------------------------------------------------------------------------
@@ -216,10 +226,10 @@ class RedisCache:
     async def get_and_lock(
         self, key: str, *, lock_timeout: float, wait: float = 0
     ) -> tuple[CacheItem | None, LockHandle]:
-        check_key(key)
+        names = self._names(key)
         timeout_ms = _millis(check_seconds(lock_timeout, name="lock_timeout", allow_none=False))
         deadline = time.monotonic() + check_wait(wait)
-        keys = (self._key(key, b"i"), self._key(key, b"l"), self._key(key, b"c"))
+        keys = (names.item, names.lock, names.counter)
         token = secrets.token_hex(16)
         expires_at = time.time() + int(timeout_ms) / 1000
         reply = await self._run(lua.GET_AND_LOCK, keys, (token, timeout_ms))
@@ -251,16 +261,16 @@ class RedisCache:
     async def put_and_unlock(
         self, key: str, value: Any, lock: LockHandle, *, ttl: float | None = None
     ) -> int:
-        check_key(key)
+        names = self._names(key)
         ttl_ms = _millis(check_seconds(ttl, name="ttl"))
         data = encode_value(value, limit=self._max_value_bytes)
-        keys = (self._key(key, b"i"), self._key(key, b"f"), self._key(key, b"l"))
+        keys = (names.item, names.floor, names.lock)
         reply = await self._run(lua.PUT_AND_UNLOCK, keys, (data, ttl_ms, _owner(key, lock)))
         return self._version_reply(key, None, reply, lock)
 
     async def unlock(self, key: str, lock: LockHandle) -> None:
-        check_key(key)
-        reply = await self._run(lua.UNLOCK, (self._key(key, b"l"),), (_owner(key, lock),))
+        names = self._names(key)
+        reply = await self._run(lua.UNLOCK, (names.lock,), (_owner(key, lock),))
         self._version_reply(key, None, reply, lock)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -295,14 +305,21 @@ class RedisCache:
 
     def redis_keys(self, key: str) -> tuple[bytes, bytes, bytes, bytes]:
         """The Redis keys holding ``key``'s item, floor, lock and fence counter (the wire format)."""
-        check_key(key)
-        return self._key(key, b"i"), self._key(key, b"f"), self._key(key, b"l"), self._key(key, b"c")
+        return tuple(self._names(key))  # type: ignore[return-value]
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _key(self, key: str, kind: bytes) -> bytes:
-        tag = base64.urlsafe_b64encode(key.encode()).rstrip(b"=")
-        return self._prefix + tag + b"}:" + kind
+    def _names(self, key: str) -> _Names:
+        """``key``'s Redis key names, validating ``key`` the first time it is seen."""
+        names = self._name_cache.get(key) if type(key) is str else None
+        if names is None:
+            check_key(key)
+            base = self._prefix + base64.urlsafe_b64encode(key.encode()).rstrip(b"=") + b"}:"
+            names = _Names(base + b"i", base + b"f", base + b"l", base + b"c")
+            if len(self._name_cache) >= _NAME_CACHE_SIZE:
+                self._name_cache.clear()
+            self._name_cache[key] = names
+        return names
 
     def _check_open(self) -> None:
         if self._closed:
@@ -325,12 +342,14 @@ class RedisCache:
             await self._discover()
         if self._limiter is None:
             with self._mapped():
-                return await self._client.hmget(item_key, [b"v", b"d"])
+                return await self._client.execute_command("HMGET", item_key, b"v", b"d")  # type: ignore[no-any-return]
         async with self._limiter:
             with self._mapped():
-                return await self._client.hmget(item_key, [b"v", b"d"])
+                return await self._client.execute_command("HMGET", item_key, b"v", b"d")  # type: ignore[no-any-return]
 
-    async def _run(self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[object, ...]) -> Any:
+    async def _run(
+        self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[bytes | str | int, ...]
+    ) -> Any:
         self._check_open()
         if not self._discovered:
             await self._discover()
@@ -347,13 +366,15 @@ class RedisCache:
                     await self._client.initialize()
                 self._discovered = True
 
-    async def _eval(self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[object, ...]) -> Any:
+    async def _eval(
+        self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[bytes | str | int, ...]
+    ) -> Any:
         with self._mapped():
             try:
-                return await self._client.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
+                return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             except rex.NoScriptError:
                 # The server lost its script cache (restart, SCRIPT FLUSH, failover): EVAL loads it again.
-                return await self._client.eval(script.source, len(keys), *keys, *args)  # type: ignore[arg-type]
+                return await self._client.execute_command("EVAL", script.source, len(keys), *keys, *args)
 
     def _version_reply(
         self, key: str, expected: int | None, reply: Any, lock: LockHandle | None = None
