@@ -1,0 +1,115 @@
+"""run.py serve: options from flags or environment, metrics and health, clean stop, clear failure."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import run
+from actors import graph_key
+from cache import RedisCache
+from storage import Graph, PostgresStore, Upsert
+from tests._sidecar_procs import ROOT_DIR, Servers, http_get, serve_command, sidecar
+
+OPTIONS = {
+    "--redis": "REDIS",
+    "--postgres": "POSTGRES",
+    "--node-id": "NODE_ID",
+    "--namespace": "NAMESPACE",
+    "--schema": "SCHEMA",
+    "--membership": "MEMBERSHIP",
+    "--heartbeat": "HEARTBEAT",
+    "--ttl": "TTL",
+    "--consistency": "CONSISTENCY",
+    "--idle-timeout": "IDLE_TIMEOUT",
+    "--metrics-host": "METRICS_HOST",
+    "--metrics-port": "METRICS_PORT",
+    "--log-level": "LOG_LEVEL",
+    "--log-format": "LOG_FORMAT",
+}
+
+
+def serve_parser_help() -> str:
+    parser = run.build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return action.choices["serve"].format_help()  # type: ignore[index]
+
+
+def test_help_names_every_option_and_its_environment_variable() -> None:
+    """--help lists each flag with its GRAPHCACHE_* variable and its default."""
+    text = " ".join(serve_parser_help().split())
+    for flag, env in OPTIONS.items():
+        assert flag in text
+        assert f"[env GRAPHCACHE_{env}]" in text
+    assert "(default: 3.0)" in text
+
+
+def test_environment_variables_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRAPHCACHE_* variables set the defaults and flags still override them."""
+    monkeypatch.setenv("GRAPHCACHE_TTL", "7.5")
+    monkeypatch.setenv("GRAPHCACHE_MEMBERSHIP", "static")
+    monkeypatch.setenv("GRAPHCACHE_NODE_ID", "from-env")
+    args = run.build_parser().parse_args(["serve", "--node-id", "from-flag"])
+    assert (args.ttl, args.membership, args.node_id) == (7.5, "static", "from-flag")
+
+
+@pytest.fixture
+async def store(postgres_dsn: str, pg_schema: str) -> AsyncIterator[PostgresStore]:
+    store = await PostgresStore.connect(postgres_dsn, schema=pg_schema)
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture
+def servers(redis_url: str, postgres_dsn: str, namespace: str, pg_schema: str) -> Servers:
+    return Servers(redis_url, postgres_dsn, namespace, pg_schema)
+
+
+@pytest.mark.anyio
+async def test_serves_metrics_and_health_and_stops_cleanly(
+    store: PostgresStore, servers: Servers, tmp_path: Path
+) -> None:
+    """A static node caches a written graph, counts it in /metrics, is healthy, and exits 0 on SIGTERM."""
+    await store.create_root("s", {})
+    command = serve_command("solo", servers, ["--membership", "static", "--log-format", "json"])
+    cache = RedisCache.from_url(servers.redis_url, namespace=servers.namespace)
+    async with sidecar(command, tmp_path / "solo.log") as node, cache:
+        version = await store.apply("s", [Upsert("c", "s", {"n": 1})])
+        deadline = time.monotonic() + 20
+        while (item := await cache.get(graph_key("s"), type=Graph)) is None or item.version < version:
+            assert time.monotonic() < deadline, "the node never cached the write"
+            await anyio.sleep(0.05)
+        assert item.value == await store.load("s")
+        metrics = await node.metrics()
+        health = await http_get(node.metrics_url.replace("/metrics", "/healthz"))
+        code = await node.stop(signal.SIGTERM)
+    assert metrics["graphcache_rebuilds_total"] >= 1
+    assert metrics["graphcache_notifications_total"] >= 1
+    assert metrics["graphcache_puts_total:stored"] >= 1
+    assert metrics["graphcache_members"] == 1
+    assert health == "ok\n"
+    assert code == 0
+    log = (tmp_path / "solo.log").read_text()
+    assert '"message": "node solo: SIGTERM received, stopping"' in log
+    assert "node solo stopped" in log
+
+
+@pytest.mark.anyio
+async def test_unreachable_store_exits_1_with_the_reason(tmp_path: Path) -> None:
+    """With PostgreSQL unreachable, serve exits 1 and says why, without a traceback."""
+    command = [
+        sys.executable, str(ROOT_DIR / "run.py"), "serve", "--membership", "static",
+        "--postgres", "postgresql://postgres@127.0.0.1:1/postgres", "--metrics-port", "0",
+    ]  # fmt: skip
+    result = await anyio.run_process(command, check=False, cwd=ROOT_DIR)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert "cannot serve:" in stderr
+    assert "127.0.0.1:1" in stderr
+    assert "Traceback" not in stderr
