@@ -11,8 +11,8 @@ It reads a history (see ``_history.py``) in one pass, grouping events per root, 
       (absent counts apart: an invalidated key is allowed).
   lag from each write's ok to the end of the first read that began after it and saw that version or newer.
 
-An operation's interval runs from its "invoke" event to its completion, paired per (process, op, root);
-a process should have one operation per root in flight (if not, intervals are widened, see _pop_start).
+A read's interval runs from its "invoke" event to its completion, paired per (process, root); a process
+should have one read per root in flight (if not, intervals are widened, see _pop_start).
 """
 
 from __future__ import annotations
@@ -159,27 +159,38 @@ def _time(event: Event) -> float:
 
 
 def _group(events: list[Event]) -> dict[str, _Root]:
-    """One pass: pair completions with their invokes and collect each root's reads, commits and final."""
-    roots: dict[str, _Root] = defaultdict(_Root)
-    pending: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    """One pass: pair each read with its invoke; collect each root's reads, commits and final version.
+
+    Only reads need their invoke (G1 and lag compare read intervals); a write counts from its ok. A write
+    that ended in "fail" did not commit; one that ended in "info" may have, leaving a version gap.
+    """
+    roots: dict[str, _Root] = {}
+    in_flight: dict[tuple[str, str], list[float]] = {}  # (process, root) -> invoke times of open reads
     for e in events:
-        root = roots[e.root]
-        if e.type == "invoke":
-            pending[e.process, e.op, e.root].append(e.time)
-            continue
-        start = _pop_start(pending.get((e.process, e.op, e.root)))
-        if e.type == "ok":
-            _record_ok(root, e, start)
-        elif e.type == "info" and e.op in ("create", "write"):
-            pass  # outcome unknown: if it committed, its version is a gap the replay will not judge past
+        root = roots.get(e.root)
+        if root is None:
+            root = roots[e.root] = _Root()
+        if e.op != "read":
+            if e.type == "ok":
+                _record_commit_or_final(root, e)
+        elif e.type == "invoke":
+            in_flight.setdefault((e.process, e.root), []).append(e.time)
+        else:
+            start = _pop_start(in_flight.get((e.process, e.root)))
+            if e.type != "ok":
+                pass  # a failed read saw nothing
+            elif e.version is None:
+                root.misses.append(_Miss(e.process, start, e.time))
+            else:
+                root.reads.append(_Read(e.process, start, e.time, e.version, e.hash))
     return roots
 
 
 def _pop_start(starts: list[float] | None) -> float:
     """The start to judge a completion by, never later than its true invoke.
 
-    With one operation in flight (the normal case) that is its invoke. If a process broke the one-at-a-time
-    rule, any pending invoke may be this completion's: take the earliest as its start and drop the latest,
+    With one read in flight (the normal case) that is its invoke. If a process broke the one-at-a-time
+    rule, any open invoke may be this completion's: take the earliest as its start and drop the latest,
     so every interval can only widen (fewer precedences, never a false regression).
     """
     if not starts:
@@ -189,20 +200,18 @@ def _pop_start(starts: list[float] | None) -> float:
     return start
 
 
-def _record_ok(root: _Root, e: Event, start: float) -> None:
-    if e.op == "read":
-        if e.version is None:
-            root.misses.append(_Miss(e.process, start, e.time))
-        else:
-            root.reads.append(_Read(e.process, start, e.time, e.version, e.hash))
-    elif e.op in ("create", "write") and e.version is not None:
+def _record_commit_or_final(root: _Root, e: Event) -> None:
+    if e.version is None:
+        return
+    if e.op in ("create", "write"):
         if e.op == "write":
             root.writes.append((e.time, e.version))
         known = root.commits.get(e.version)
-        if known is not None and known.ops != e.ops:
+        if known is None:
+            root.commits[e.version] = _Commit(e.time, e.ops, e.hash)
+        elif known.ops != e.ops:
             root.ambiguous.add(e.version)
-        root.commits.setdefault(e.version, _Commit(e.time, e.ops, e.hash))
-    elif e.op == "final" and e.version is not None and (root.final is None or e.time >= root.final[0]):
+    elif e.op == "final" and (root.final is None or e.time >= root.final[0]):
         root.final = (e.time, e.version)
 
 
