@@ -18,6 +18,7 @@ should have one read per root in flight (if not, intervals are widened, see _pop
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -31,6 +32,8 @@ from storage import Delete, Op, Upsert
 from ._history import Event, HistoryError, rows_hash
 
 __all__ = ("CheckReport", "Violation", "check", "check_with_lags")
+
+logger = logging.getLogger(__name__)
 
 Kind = Literal["G1", "G2", "G3"]
 VISIBILITY_THRESHOLDS: dict[str, float] = {"10ms": 0.010, "100ms": 0.100, "1s": 1.0}
@@ -84,16 +87,14 @@ class _Read:
 
 @dataclass(slots=True)
 class _Miss:
-    process: str
     start: float
     end: float
 
 
 @dataclass(slots=True)
 class _Commit:
-    end: float
     ops: list[Any] | None
-    hash: str | None = None
+    hash: str | None
 
 
 @dataclass(slots=True)
@@ -180,7 +181,7 @@ def _group(events: list[Event]) -> dict[str, _Root]:
             if e.type != "ok":
                 pass  # a failed read saw nothing
             elif e.version is None:
-                root.misses.append(_Miss(e.process, start, e.time))
+                root.misses.append(_Miss(start, e.time))
             else:
                 root.reads.append(_Read(e.process, start, e.time, e.version, e.hash))
     return roots
@@ -208,8 +209,12 @@ def _record_commit_or_final(root: _Root, e: Event) -> None:
             root.writes.append((e.time, e.version))
         known = root.commits.get(e.version)
         if known is None:
-            root.commits[e.version] = _Commit(e.time, e.ops, e.hash)
+            root.commits[e.version] = _Commit(e.ops, e.hash)
         elif known.ops != e.ops:
+            # two transactions were given one version: the store broke its contract, so G2 cannot judge it
+            logger.warning(
+                "root %r: two different commits of v%d; reads at or past it are unjudged", e.root, e.version
+            )
             root.ambiguous.add(e.version)
     elif e.op == "final" and (root.final is None or e.time >= root.final[0]):
         root.final = (e.time, e.version)

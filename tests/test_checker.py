@@ -227,6 +227,19 @@ def test_versions_past_an_unknown_write_are_unjudged() -> None:
     assert (report.torn, report.unjudged) == (0, 2)
 
 
+def test_two_commits_with_one_version_leave_it_unjudged(caplog: pytest.LogCaptureFixture) -> None:
+    """One version given to two different transactions: reads at or past it are unjudged, with a warning."""
+    events = [
+        *three_versions(),
+        *write("r", 1.0, 1.2, 2, Upsert("b", "r", {}), process="w2"),
+        *read("r", 2.2, 2.3, 2, H2),
+        *read("r", 2.4, 2.5, 3, H3),
+    ]
+    report = check(events)
+    assert (report.torn, report.unjudged) == (0, 2)
+    assert "two different commits of v2" in caplog.text
+
+
 def test_a_read_without_hash_is_unjudged() -> None:
     """A stamped read that recorded no hash cannot be compared."""
     report = check([*three_versions(), *read("r", 2.2, 2.3, 3, None)])
