@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -207,3 +209,23 @@ def test_cli_refuses_negative_examples(tmp_path: Path, capsys: pytest.CaptureFix
     """--examples below zero exits 2 before reading anything."""
     assert run_check(str(tmp_path / "never-read.jsonl"), "--examples", "-1") == 2
     assert "--examples must be >= 0" in capsys.readouterr().err
+
+
+def test_run_py_check_exit_status_through_the_real_cli(tmp_path: Path) -> None:
+    """`python run.py check` exits 0 on a clean history and 1 on a regression, printing the verdict."""
+    clean = record(tmp_path / "clean.jsonl", history(regress=False))
+    regressed = record(tmp_path / "regressed.jsonl", history(regress=True))
+    root = Path(__file__).resolve().parent.parent
+    outcomes = [
+        subprocess.run(
+            [sys.executable, str(root / "run.py"), "check", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        for path in (clean, regressed)
+    ]
+    assert [o.returncode for o in outcomes] == [0, 1]
+    assert "PASS" in outcomes[0].stdout
+    assert "FAIL" in outcomes[1].stdout
