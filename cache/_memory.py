@@ -25,6 +25,7 @@ from ._validate import (
     DEFAULT_MAX_VALUE_BYTES,
     MAX_VERSION,
     check_key,
+    check_limit,
     check_seconds,
     check_version,
     check_wait,
@@ -95,7 +96,7 @@ class MemoryCache:
         floor_ttl: float = DEFAULT_INVALIDATE_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._max_value_bytes = max_value_bytes
+        self._max_value_bytes = check_limit(max_value_bytes)
         self._floor_ttl = (
             check_seconds(floor_ttl, name="floor_ttl", allow_none=False) or DEFAULT_INVALIDATE_TTL
         )

@@ -44,6 +44,7 @@ from ._types import DEFAULT_INVALIDATE_TTL, CacheItem, LockHandle
 from ._validate import (
     DEFAULT_MAX_VALUE_BYTES,
     check_key,
+    check_limit,
     check_seconds,
     check_version,
     check_wait,
@@ -92,12 +93,10 @@ class RedisCache:
         address: str | None = None,
         max_concurrency: int | None = None,
     ) -> None:
-        if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
-            raise ValueError(f"namespace must match [A-Za-z0-9_.-]+, got {namespace!r}")
         self._client = client
-        self._namespace = namespace
+        self._namespace = _check_namespace(namespace)
         self._prefix = f"{namespace}:{{".encode()
-        self._max_value_bytes = max_value_bytes
+        self._max_value_bytes = check_limit(max_value_bytes)
         self._floor_ms = _millis(check_seconds(floor_ttl, name="floor_ttl", allow_none=False))
         self._close_client = close_client
         self._address = address or _describe(client)
@@ -132,6 +131,10 @@ class RedisCache:
         idempotent, so a failed call raises ``CacheUnavailable`` and the caller decides. Dead pooled
         connections are replaced by themselves once Redis is back.
         """
+        # Check the cache's own arguments before a client (and its pool) exists.
+        _check_namespace(namespace)
+        check_limit(max_value_bytes)
+        check_seconds(floor_ttl, name="floor_ttl", allow_none=False)
         options: dict[str, Any] = {
             "socket_connect_timeout": connect_timeout,
             "socket_timeout": socket_timeout,
@@ -396,6 +399,12 @@ class RedisCache:
         if status == lua.OVERFLOW:
             raise InvalidVersion(f"key {key!r} is at version 2**63-1 and cannot be versioned higher")
         raise CacheError(f"unexpected reply from Redis at {self._address}: {reply!r}")
+
+
+def _check_namespace(namespace: object) -> str:
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+        raise ValueError(f"namespace must match [A-Za-z0-9_.-]+, got {namespace!r}")
+    return namespace
 
 
 def _owner(key: str, lock: LockHandle | None) -> str:

@@ -60,6 +60,13 @@ def check_wait(value: object) -> float:
     return float(value)
 
 
+def check_limit(value: object) -> int:
+    """``max_value_bytes`` must be a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_value_bytes must be a positive int, got {value!r}")
+    return value
+
+
 def encode_value(value: Any, *, limit: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
     """Encode ``value`` as msgpack, refusing what cannot be encoded or is over ``limit`` bytes."""
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cache import LockLost, MemoryCache, MemoryCacheStatistics
+from cache import LockLost, MemoryCache, MemoryCacheStatistics, RedisCache
 
 
 class FakeClock:
@@ -65,3 +65,12 @@ async def test_statistics_and_repr_show_live_state() -> None:
     assert repr(cache) == "<MemoryCache [Items: 1 | Floors: 1 | Locks: 1, 0 waiting]>"
     await cache.aclose()
     assert repr(cache) == "<MemoryCache [closed]>"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "16"])
+def test_a_bad_size_limit_is_refused_at_construction(bad: object) -> None:
+    """max_value_bytes must be a positive int, for both backends."""
+    with pytest.raises(ValueError, match="max_value_bytes"):
+        MemoryCache(max_value_bytes=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_value_bytes"):
+        RedisCache.from_url("redis://127.0.0.1:1/0", max_value_bytes=bad)  # type: ignore[arg-type]
