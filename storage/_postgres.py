@@ -3,9 +3,10 @@
 ``apply`` runs one READ COMMITTED transaction: lock the root row (``SELECT ... FOR UPDATE``), read the
 graph's structure *after* the lock (so it is the latest committed one), check the expected versions and
 the ops, then one statement deletes, upserts, bumps the version, writes the outbox row and NOTIFYs.
-``load`` reads the version and the nodes in one REPEATABLE READ READ ONLY transaction (or runs the
-service's ``loader`` inside it). asyncpg / OS errors become ``StoreUnavailable`` / ``StoreError`` in
-``_seam`` and nowhere else; every call is bounded by ``timeout`` seconds.
+``load`` reads the version and the nodes (one statement) in a REPEATABLE READ READ ONLY transaction
+(or runs the service's ``loader`` inside it). asyncpg / OS errors become ``StoreUnavailable`` /
+``StoreError`` in ``_seam`` and nowhere else. Every wait is bounded by ``command_timeout``: connecting,
+taking a pooled connection and each statement (asyncpg's own timeouts, cheaper than a cancel scope).
 """
 
 from __future__ import annotations
@@ -99,11 +100,10 @@ def _check_seconds(value: object, name: str) -> float:
 
 
 @contextlib.contextmanager
-def _seam(address: str, timeout: float) -> Iterator[None]:
-    """The one place where asyncpg and OS errors become storage errors; bounds the call by ``timeout``."""
+def _seam(address: str) -> Iterator[None]:
+    """The one place where asyncpg and OS errors become storage errors."""
     try:
-        with anyio.fail_after(timeout):
-            yield
+        yield
     except StoreError:
         raise
     except _UNAVAILABLE as exc:
@@ -168,9 +168,14 @@ class PostgresStore:
         timeout = _check_seconds(command_timeout, "command_timeout")
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise InvalidOperation(f"pool_size must be an int >= 1, got {pool_size!r}")
-        with _seam(_address(dsn), timeout):
+        with _seam(_address(dsn)):
             pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=pool_size, init=_init_connection, timeout=timeout
+                dsn,
+                min_size=1,
+                max_size=pool_size,
+                init=_init_connection,
+                timeout=timeout,  # connecting
+                command_timeout=timeout,  # every statement
             )
         store = cls(
             pool,
@@ -225,7 +230,7 @@ class PostgresStore:
         checked = check_ops(root_id, ops, limit=self._max_data_bytes)
         sql = self._sql
         with self._seam():
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
                 current = await conn.fetchval(sql.lock_root, root_id)
                 if current is None:
                     raise RootNotFound(f"root {root_id!r} not found")
@@ -258,20 +263,27 @@ class PostgresStore:
         check_id(root_id, name="root_id")
         with self._seam():
             async with (
-                self._pool.acquire() as conn,
+                self._pool.acquire(timeout=self._timeout) as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
-                version = await conn.fetchval(self._sql.version, root_id)
-                if version is None:
-                    raise RootNotFound(f"root {root_id!r} not found")
                 if self._loader is not None:
-                    graph = await self._loader(conn, root_id)
-                    return msgspec.structs.replace(graph, root_id=root_id, version=version)
-                rows = await conn.fetch(self._sql.nodes, root_id)
+                    return await self._load_custom(conn, root_id, self._loader)
+                rows = await conn.fetch(self._sql.graph, root_id)
+        if not rows:
+            raise RootNotFound(f"root {root_id!r} not found")
         nodes = {
-            row["id"]: Node(row["id"], row["parent_id"], row["data"], row["row_version"]) for row in rows
+            row["id"]: Node(row["id"], row["parent_id"], row["data"], row["row_version"])
+            for row in rows
+            if row["id"] is not None
         }
-        return Graph(root_id, version, nodes)
+        return Graph(root_id, rows[0]["version"], nodes)
+
+    async def _load_custom(self, conn: Any, root_id: str, loader: Loader) -> Graph:
+        version = await conn.fetchval(self._sql.version, root_id)
+        if version is None:
+            raise RootNotFound(f"root {root_id!r} not found")
+        graph = await loader(conn, root_id)
+        return msgspec.structs.replace(graph, root_id=root_id, version=version)
 
     async def version(self, root_id: str) -> int:
         """The root's committed version."""
@@ -344,7 +356,7 @@ class PostgresStore:
     def _seam(self) -> contextlib.AbstractContextManager[None]:
         if self._closed:
             raise StoreUnavailable(f"PostgresStore for {self.address} is closed")
-        return _seam(self.address, self._timeout)
+        return _seam(self.address)
 
 
 async def install_change_tracking(
@@ -359,6 +371,6 @@ async def install_change_tracking(
     sql = Sql(schema)
     statement = sql.install_trigger(table, root_column)
     quote_table(table)
-    with _seam("the given connection", 30.0):
+    with _seam("the given connection"):
         await migrate(conn, sql)
         await conn.execute(statement)

@@ -156,7 +156,10 @@ WITH made AS (
 )
 SELECT count(*) AS created, pg_notify($3, '') FROM made"""
         self.version = f"SELECT version FROM {s}.roots WHERE root_id = $1"
-        self.nodes = f"SELECT id, parent_id, data, row_version FROM {s}.nodes WHERE root_id = $1"
+        self.graph = (
+            f"SELECT r.version, n.id, n.parent_id, n.data, n.row_version FROM {s}.roots AS r"
+            f" LEFT JOIN {s}.nodes AS n ON n.root_id = r.root_id WHERE r.root_id = $1"
+        )
         self.poll = f"""
 SELECT snap.xmin, snap.xmax, snap.xip, o.root_id, o.version, o.committed_at
 FROM (

@@ -1,0 +1,249 @@
+"""bench store: PostgresStore vs the same work in raw asyncpg, same server, same pool size, same run.
+
+  apply     one Upsert per transaction on distinct roots, N concurrent tasks; raw = BEGIN, lock the root,
+            upsert the node, bump the version, write the outbox row, NOTIFY, COMMIT (hand-written asyncpg)
+  load      a 50-node graph; raw = the same REPEATABLE READ READ ONLY transaction (version + nodes, each
+            row's JSON decoded with msgspec)
+  feed      commit -> delivery latency through ``changes()`` at a steady commit rate (default 500/s)
+
+Rounds alternate graphcache / raw and the median round is reported. The bench schema is dropped after.
+"""
+
+# ruff: noqa: S608  (the schema name is generated here; values are bind parameters)
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+import anyio
+import asyncpg
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from storage import PostgresStore, Upsert
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--postgres", default=DEFAULT_DSN, metavar="DSN", help="PostgreSQL DSN (default: %(default)s)"
+    )
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent tasks (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per round (default: %(default)s)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds per side (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--feed-rate", type=float, default=500.0, help="commits/s for the feed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--feed-seconds", type=float, default=5.0, help="feed run length (default: %(default)s)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    return anyio.run(_main, args)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    schema = f"bench_store_{uuid.uuid4().hex[:8]}"
+    store = await PostgresStore.connect(args.postgres, schema, pool_size=args.concurrency)
+    raw = await asyncpg.create_pool(args.postgres, min_size=args.concurrency, max_size=args.concurrency)
+    try:
+        rows = await _measure(args, store, raw, schema)
+    finally:
+        await store.aclose()
+        async with raw.acquire() as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await raw.close()
+    _print_table(rows, args)
+    return 0
+
+
+async def _measure(
+    args: argparse.Namespace, store: PostgresStore, raw: asyncpg.Pool, schema: str
+) -> list[tuple[str, float, float | None, str]]:
+    roots = [f"bench{index}" for index in range(args.concurrency)]
+    for root in roots:
+        await store.create_root(root, {"bench": True})
+    await store.create_root("graph50", {"bench": True})
+    await store.apply("graph50", [Upsert(f"n{index}", "graph50", _payload(index)) for index in range(49)])
+    apply_ours, apply_raw = await _alternate(
+        args,
+        lambda worker: _store_apply(store, roots[worker]),
+        lambda worker: _raw_apply(raw, schema, roots[worker]),
+    )
+    load_ours, load_raw = await _alternate(
+        args, lambda worker: _store_load(store), lambda worker: _raw_load(raw, schema)
+    )
+    feed = await _feed_latency(store, roots, args.feed_rate, args.feed_seconds)
+    rate = f"@ {feed.achieved:.0f} commits/s"
+    return [
+        ("apply, transactions/s", apply_ours, apply_raw, "ratio >= 0.8"),
+        ("load 50-node graph, loads/s", load_ours, load_raw, "ratio >= 0.8"),
+        (f"feed commit->delivery p50 ms {rate}", _percentile(feed.from_ack, 50), None, ""),
+        (f"feed commit->delivery p99 ms {rate}", _percentile(feed.from_ack, 99), None, "<= 20 ms"),
+        (
+            f"feed outbox write->delivery p99 ms {rate}",
+            _percentile(feed.from_write, 99),
+            None,
+            "(incl. commit)",
+        ),
+    ]
+
+
+def _payload(index: int) -> dict[str, Any]:
+    return {"index": index, "name": f"node {index}", "tags": ["a", "b"], "price": index * 1.5}
+
+
+async def _store_apply(store: PostgresStore, root: str) -> None:
+    await store.apply(root, [Upsert("child", root, {"at": time.time()})])
+
+
+async def _raw_apply(pool: asyncpg.Pool, schema: str, root: str) -> None:
+    s = f'"{schema}"'
+    async with pool.acquire() as conn, conn.transaction():
+        version = await conn.fetchval(f"SELECT version FROM {s}.roots WHERE root_id = $1 FOR UPDATE", root)
+        await conn.execute(
+            f"INSERT INTO {s}.nodes (root_id, id, parent_id, data, row_version)"
+            " VALUES ($1, 'child', $1, $2, 1) ON CONFLICT (root_id, id)"
+            " DO UPDATE SET data = excluded.data, row_version = nodes.row_version + 1",
+            root,
+            msgspec.json.encode({"at": time.time()}).decode(),
+        )
+        await conn.execute(f"UPDATE {s}.roots SET version = $2 WHERE root_id = $1", root, version + 1)
+        await conn.execute(f"INSERT INTO {s}.outbox (root_id, version) VALUES ($1, $2)", root, version + 1)
+        await conn.execute("SELECT pg_notify($1, '')", f"graphcache_{schema}")
+
+
+async def _store_load(store: PostgresStore) -> None:
+    await store.load("graph50")
+
+
+async def _raw_load(pool: asyncpg.Pool, schema: str) -> None:
+    s = f'"{schema}"'
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.fetchval(f"SELECT version FROM {s}.roots WHERE root_id = 'graph50'")
+        rows = await conn.fetch(
+            f"SELECT id, parent_id, data, row_version FROM {s}.nodes WHERE root_id = 'graph50'"
+        )
+        nodes = {
+            row["id"]: (row["parent_id"], _decoder.decode(row["data"]), row["row_version"]) for row in rows
+        }
+        del nodes
+
+
+async def _alternate(
+    args: argparse.Namespace,
+    ours: Callable[[int], Awaitable[None]],
+    theirs: Callable[[int], Awaitable[None]],
+) -> tuple[float, float]:
+    ours_rates, theirs_rates = [], []
+    for _ in range(args.rounds):
+        ours_rates.append(await _throughput(ours, args.concurrency, args.seconds))
+        theirs_rates.append(await _throughput(theirs, args.concurrency, args.seconds))
+    return statistics.median(ours_rates), statistics.median(theirs_rates)
+
+
+async def _throughput(operation: Callable[[int], Awaitable[None]], concurrency: int, seconds: float) -> float:
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(index: int) -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            await operation(index)
+            count += 1
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as group:
+        for index in range(concurrency):
+            group.start_soon(worker, index)
+    return count / (time.perf_counter() - started)
+
+
+class _FeedRun(NamedTuple):
+    achieved: float  # commits/s actually reached
+    from_ack: list[float]  # seconds from the commit's acknowledgement to the writer until delivery (>= 0)
+    from_write: list[float]  # seconds from the outbox row's clock_timestamp() (before COMMIT) until delivery
+
+
+async def _feed_latency(store: PostgresStore, roots: list[str], rate: float, seconds: float) -> _FeedRun:
+    """Commit at a steady ``rate`` (paced starts, many in flight) and time each change's delivery."""
+    acked: dict[tuple[str, int], float] = {}
+    delivered: dict[tuple[str, int], float] = {}
+    from_write: list[float] = []
+    latest: dict[str, int] = {}
+    final: dict[str, int] = {}
+    caught_up = anyio.Event()
+    total = int(rate * seconds)
+    send, receive = anyio.create_memory_object_stream[int](total)
+    feed = store.changes(after=await store.cursor())
+
+    def check_caught_up() -> None:
+        if final and all(latest.get(root, 0) >= version for root, version in final.items()):
+            caught_up.set()
+
+    async def pacer(started: float) -> None:
+        async with send:
+            for index in range(total):
+                await anyio.sleep(max(0.0, started + index / rate - time.perf_counter()))
+                await send.send(index)
+
+    async def writer(jobs: MemoryObjectReceiveStream[int]) -> None:
+        async for index in jobs:
+            root = roots[index % len(roots)]
+            version = await store.apply(root, [Upsert("child", root, {"n": index})])
+            acked[(root, version)] = time.perf_counter()
+
+    async def consumer() -> None:
+        async for change in feed:
+            delivered[(change.root_id, change.version)] = time.perf_counter()
+            from_write.append(time.time() - change.committed_at)
+            latest[change.root_id] = change.version
+            check_caught_up()
+
+    async with feed, anyio.create_task_group() as group:
+        group.start_soon(consumer)
+        started = time.perf_counter()
+        async with anyio.create_task_group() as writers:
+            writers.start_soon(pacer, started)
+            for _ in range(16):
+                writers.start_soon(writer, receive.clone())
+            receive.close()
+        elapsed = time.perf_counter() - started
+        final.update({root: await store.version(root) for root in roots})
+        check_caught_up()
+        with anyio.move_on_after(10):
+            await caught_up.wait()
+        group.cancel_scope.cancel()
+    # The feed may beat the writer's own acknowledgement: that change's latency counts as zero.
+    from_ack = [max(0.0, at - acked[key]) for key, at in delivered.items() if key in acked]
+    return _FeedRun(total / elapsed, from_ack, from_write)
+
+
+def _percentile(samples: list[float], percent: float) -> float:
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * percent / 100))] * 1000
+
+
+def _print_table(rows: list[tuple[str, float, float | None, str]], args: argparse.Namespace) -> None:
+    print(
+        f"bench store: {args.concurrency} tasks, {args.rounds} x {args.seconds:g}s rounds (median),"
+        f" {args.postgres}"
+    )
+    print(f"{'measure':<46} {'graphcache':>12} {'raw asyncpg':>12} {'ratio':>7}  target")
+    for name, ours, theirs, target in rows:
+        raw_text = "-" if theirs is None else f"{theirs:12.1f}"
+        ratio = "-" if theirs is None else f"{ours / theirs:7.2f}"
+        print(f"{name:<46} {ours:12.1f} {raw_text:>12} {ratio:>7}  {target}")
