@@ -210,7 +210,8 @@ async def test_concurrent_connects_migrate_the_schema_once(
         for _ in range(6):
             group.start_soon(open_one)
     assert len(stores) == 6
-    assert await raw.fetch(f'SELECT version FROM "{pg_schema}".schema_version') == [(1,)]
+    levels = await raw.fetch(f'SELECT version FROM "{pg_schema}".schema_version')
+    assert [tuple(row) for row in levels] == [(1,)]
     await stores[0].create_root("r", {})
     assert [await store.version("r") for store in stores] == [1] * 6
 
