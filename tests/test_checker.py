@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness import Event, HistoryError, check, check_with_lags, graph_hash
-from storage import Delete, Graph, MemoryStore, Node, Op, Upsert
+from storage import Delete, Graph, GraphStore, MemoryStore, Node, Op, PostgresStore, Upsert
 
 Rows = dict[str, tuple[str | None, dict[str, Any]]]
 
@@ -429,52 +429,55 @@ def test_sequential_histories_pass_and_a_planted_regression_is_caught(case: tupl
         assert report.torn == 0
 
 
-async def _record_store_run(seed: int) -> list[Event]:
-    """Random upserts and subtree deletes on a real MemoryStore; after each, a read hashed from load."""
+async def _record_store_run(store: GraphStore, seed: int) -> list[Event]:
+    """Random upserts and subtree deletes on a real store; after each, a read hashed from ``load``."""
     rng = random.Random(seed)
-    events: list[Event] = []
     clock = iter(float(t) for t in range(10_000))
-    async with MemoryStore() as store:
-        version = await store.create_root("r", {"seed": seed})
-        events.append(
-            Event(
-                "setup",
-                "ok",
-                "create",
-                "r",
-                next(clock),
-                version=version,
-                ops=ops_of(Upsert("r", None, {"seed": seed})),
-            )
-        )
-        for step in range(40):
-            graph = await store.load("r")
-            ids = sorted(graph.nodes)
-            ops: list[Op] = [
-                Upsert(f"n{step}-{i}", rng.choice(ids), {"step": step}) for i in range(rng.randint(0, 2))
-            ]
-            if len(ids) > 1 and rng.random() < 0.5:
-                ops.append(Upsert(n := rng.choice(ids[1:]), graph.nodes[n].parent_id, {"changed": step}))
-            if len(ids) > 1 and rng.random() < 0.3:
-                ops.append(Delete(rng.choice([i for i in ids if i != "r"])))
-            if not ops:
-                continue
-            version = await store.apply("r", ops)
-            events += write("r", next(clock), next(clock), version, *ops)
-            loaded = await store.load("r")
-            events += read("r", next(clock), next(clock), loaded.version, graph_hash(loaded))
+    root_ops: list[Op] = [Upsert("r", None, {"seed": seed})]
+    version = await store.create_root("r", {"seed": seed})
+    events = [Event("setup", "ok", "create", "r", next(clock), version=version, ops=ops_of(*root_ops))]
+    for step in range(40):
+        graph = await store.load("r")
+        children = sorted(n for n in graph.nodes if n != "r")
+        data = {"step": step, "f": 0.5, "s": "é", "nested": {"k": [1, None]}}
+        ops: list[Op] = [
+            Upsert(f"n{step}-{i}", rng.choice(["r", *children]), data) for i in range(rng.randint(0, 2))
+        ]
+        if children and rng.random() < 0.5:
+            changed = rng.choice(children)
+            ops.append(Upsert(changed, graph.nodes[changed].parent_id, {"changed": step}))
+        if children and rng.random() < 0.3:
+            ops.append(Delete(rng.choice(children)))
+        if not ops:
+            continue
+        version = await store.apply("r", ops)
+        events += write("r", next(clock), next(clock), version, *ops)
+        loaded = await store.load("r")
+        events += read("r", next(clock), next(clock), loaded.version, graph_hash(loaded))
     return events
+
+
+def _assert_replay_agrees(events: list[Event]) -> None:
+    report = check(events)
+    assert (report.torn, report.unjudged, report.regressions) == (0, 0, 0)
+    reads = [i for i, e in enumerate(events) if e.op == "read" and e.type == "ok"]
+    first, last = events[reads[0]], events[reads[-1]]
+    assert first.hash != last.hash
+    events[reads[0]] = msgspec.structs.replace(first, hash=last.hash)
+    assert check(events).torn == 1
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("seed", range(5))
 async def test_replay_agrees_with_the_memory_store(seed: int) -> None:
     """Replaying the recorded ops hashes like MemoryStore.load at every version; a swapped stamp is torn."""
-    events = await _record_store_run(seed)
-    report = check(events)
-    assert (report.torn, report.unjudged, report.regressions) == (0, 0, 0)
-    reads = [i for i, e in enumerate(events) if e.op == "read" and e.type == "ok"]
-    first, last = events[reads[0]], events[reads[-1]]
-    events[reads[0]] = msgspec.structs.replace(first, hash=last.hash)
-    assert first.hash != last.hash
-    assert check(events).torn == 1
+    async with MemoryStore() as store:
+        _assert_replay_agrees(await _record_store_run(store, seed))
+
+
+@pytest.mark.anyio
+async def test_replay_agrees_with_the_postgres_store(postgres_dsn: str, pg_schema: str) -> None:
+    """The same holds for PostgresStore (jsonb round trip included)."""
+    store = await PostgresStore.connect(postgres_dsn, schema=pg_schema, listen=False)
+    async with store:
+        _assert_replay_agrees(await _record_store_run(store, seed=7))
