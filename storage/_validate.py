@@ -36,6 +36,7 @@ MAX_VERSION = 2**63 - 1
 MAX_ID_BYTES = 512
 DEFAULT_MAX_DATA_BYTES = 1024 * 1024
 _MAX_DEPTH = 64
+_MAX_FLOAT = 1e16
 
 _json_encoder = msgspec.json.Encoder()
 
@@ -122,6 +123,11 @@ def _check_json(value: Any, path: str, depth: int) -> None:
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidOperation(f"{path} is {value!r}, which JSON cannot represent")
+        if abs(value) >= _MAX_FLOAT:
+            # Written as "1e+16"-style JSON, jsonb's numeric hands it back as an int (not always equal).
+            raise InvalidOperation(
+                f"{path} is the float {value!r}; floats of 1e16 or more do not survive jsonb"
+            )
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _check_json(item, f"{path}[{index}]", depth + 1)
