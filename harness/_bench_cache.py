@@ -1,8 +1,9 @@
 """RedisCache vs raw redis-py on the same Redis: put_if_newer vs SET, get vs GET and HGET.
 
 Both sides share one redis-py client (same pool, same parser), the same concurrency and the same 4 KiB
-value; phases alternate over several rounds and the median is reported, so load from elsewhere on the
-machine hits both sides alike. Only this run's own namespace is written, and it is deleted afterwards.
+value. Phases alternate over several rounds; each ratio is taken within a round (adjacent phases share
+the machine's load) and the median over rounds is reported, with the client's CPU time per operation as
+a second, load-insensitive view. Only this run's own namespace is written, and it is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import msgspec
@@ -63,7 +64,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 async def _measure(
     args: argparse.Namespace, client: Redis, cache: RedisCache, namespace: str
-) -> dict[str, list[float]]:
+) -> dict[str, list[_Sample]]:
     value = b"x" * args.value_bytes
     encoded = msgspec.msgpack.encode(value)
     raw_keys = [f"{namespace}:raw:{i}".encode() for i in range(KEYS)]
@@ -99,15 +100,22 @@ async def _measure(
         versions[0] += 1
         await raw_set(i, versions[0])
         await put_if_newer(i, versions[0])
-    results: dict[str, list[float]] = {name: [] for name in phases}
+    results: dict[str, list[_Sample]] = {name: [] for name in phases}
     for _ in range(args.rounds):
         for name, op in phases.items():
             results[name].append(await _phase(args, op, versions))
     return results
 
 
-async def _phase(args: argparse.Namespace, op: Op, versions: list[int]) -> float:
-    """Run ``op`` from ``concurrency`` tasks; ops per second. Versions only grow, so every put stores."""
+class _Sample(NamedTuple):
+    rate: float
+    """Operations per second."""
+    cpu_us: float
+    """This process's CPU time per operation, in microseconds."""
+
+
+async def _phase(args: argparse.Namespace, op: Op, versions: list[int]) -> _Sample:
+    """Run ``op`` from ``concurrency`` tasks. Versions only grow, so every put stores."""
     count = [0]
     deadline = time.perf_counter() + args.seconds
     budget = args.ops
@@ -122,11 +130,12 @@ async def _phase(args: argparse.Namespace, op: Op, versions: list[int]) -> float
             await op(i, versions[0])
             i += args.concurrency
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     async with anyio.create_task_group() as tg:
         for task in range(args.concurrency):
             tg.start_soon(worker, task)
-    return count[0] / (time.perf_counter() - start)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return _Sample(count[0] / elapsed, cpu / count[0] * 1e6)
 
 
 async def _clean(client: Redis, namespace: str) -> None:
@@ -141,17 +150,26 @@ async def _clean(client: Redis, namespace: str) -> None:
         await client.delete(*batch)
 
 
-def _report(args: argparse.Namespace, results: dict[str, list[float]]) -> None:
-    median = {name: statistics.median(values) for name, values in results.items()}
+PAIRS = (("put_if_newer", "raw SET"), ("get", "raw GET"), ("get", "raw HGET"))
+
+
+def _report(args: argparse.Namespace, results: dict[str, list[_Sample]]) -> None:
     how = f"{args.ops} ops" if args.ops is not None else f"{args.seconds:g} s"
     print(
         f"bench cache: {args.redis}, concurrency {args.concurrency}, {args.value_bytes} B values, "
-        f"{args.rounds} alternating rounds of {how} per phase (median)"
+        f"{args.rounds} alternating rounds of {how} per phase (medians)"
     )
-    print(f"{'operation':<14}{'ops/s':>10}")
-    for name, rate in median.items():
-        print(f"{name:<14}{rate:>10.0f}")
-    for ours, raw in (("put_if_newer", "raw SET"), ("get", "raw GET"), ("get", "raw HGET")):
-        ratio = median[ours] / median[raw]
+    print(f"{'operation':<14}{'ops/s':>10}{'CPU us/op':>11}")
+    for name, samples in results.items():
+        rate = statistics.median(s.rate for s in samples)
+        cpu = statistics.median(s.cpu_us for s in samples)
+        print(f"{name:<14}{rate:>10.0f}{cpu:>11.0f}")
+    for ours, raw in PAIRS:
+        ratios = [a.rate / b.rate for a, b in zip(results[ours], results[raw], strict=True)]
+        cpu = statistics.median(b.cpu_us / a.cpu_us for a, b in zip(results[ours], results[raw], strict=True))
+        ratio = statistics.median(ratios)
         verdict = "ok" if ratio >= args.target else f"BELOW TARGET {args.target:g}"
-        print(f"{ours} / {raw}: {ratio:.2f}  {verdict}")
+        print(
+            f"{ours} / {raw}: throughput {ratio:.2f} (rounds {min(ratios):.2f}..{max(ratios):.2f}), "
+            f"CPU {cpu:.2f}  {verdict}"
+        )
