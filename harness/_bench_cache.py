@@ -35,9 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent tasks (default: %(default)s)")
     parser.add_argument("--value-bytes", type=int, default=4096, help="value size (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per phase and round (default: 2)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="seconds per phase and round (default: 1)")
     parser.add_argument("--ops", type=int, default=None, help="ops per phase and round instead of --seconds")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; median wins (default: 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="alternating rounds; medians reported (default: 7)"
+    )
+    parser.add_argument("--namespace", default=None, help="key namespace (default: a fresh gcbench<hex>)")
     parser.add_argument("--target", type=float, default=0.8, help="ratio to meet (default: %(default)s)")
 
 
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    namespace = f"gcbench{uuid.uuid4().hex[:8]}"
+    namespace = args.namespace or f"gcbench{uuid.uuid4().hex[:8]}"
     pool = BlockingConnectionPool.from_url(args.redis, max_connections=args.concurrency, timeout=30)
     client = Redis.from_pool(pool)
     cache = RedisCache(client, namespace=namespace, max_value_bytes=args.value_bytes + 64)
