@@ -9,6 +9,7 @@ of concurrent tasks real (the demo and the race tests rely on it).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -199,8 +200,7 @@ class MemoryStore:
         first = self._log[0].cursor
         if cursor + 1 < first:
             logger.warning("feed cursor %d is older than the retained changes (from %d)", cursor, first)
-        start = max(cursor + 1 - first, 0)
-        return [self._log[index] for index in range(start, len(self._log))]
+        return list(itertools.islice(self._log, max(cursor + 1 - first, 0), None))
 
 
 class _MemoryFeed:

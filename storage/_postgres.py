@@ -303,6 +303,8 @@ class PostgresStore:
     def changes(self, *, after: int | None = None) -> PostgresFeed:
         """The change feed from cursor ``after`` (None: from the feed's first poll on); see ``_feed.py``."""
         cursor = check_expected(after, name="after")
+        if self._closed:
+            raise StoreUnavailable(f"PostgresStore for {self.address} is closed")
         feed = PostgresFeed(self, cursor, listen=self._listen, poll_interval=self._poll_interval)
         self._feeds.add(feed)
         return feed

@@ -335,13 +335,14 @@ async def test_feed_resumes_from_a_cursor_without_loss(store: Store) -> None:
             assert resumed_got[root] == list(range(before[root] + 1, after[root] + 1))
 
 
-async def test_feed_starting_now_skips_the_past(store: Store) -> None:
-    """changes(after=cursor()) delivers only what commits after the cursor was taken."""
+async def test_feed_from_cursor_delivers_what_commits_after_it(store: Store) -> None:
+    """changes(after=cursor()) delivers what commits after the cursor was taken (at least once)."""
     await store.create_root("old", {})
     await store.apply("old", [Upsert("x", "old", {})])
     cursor = await store.cursor()
     await store.create_root("new", {})
     async with store.changes(after=cursor) as feed:
-        with anyio.fail_after(30):
-            change = await feed.__anext__()
-    assert (change.root_id, change.version) == ("new", 1)
+        seen = await collect_until(feed, {"new": 1}, defaultdict(list))
+    assert (seen[-1].root_id, seen[-1].version) == ("new", 1)
+    if isinstance(store, MemoryStore):  # exact; PostgreSQL's cursor is a watermark that may re-deliver
+        assert len(seen) == 1
