@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -152,6 +154,27 @@ async def test_insert_carries_on_from_9_to_10_digits(cache: VersionedCache) -> N
     assert await cache.get("k") == CacheItem("k", "b", 1_000_000_000)
 
 
+def _boundary_versions(rng: random.Random) -> list[int]:
+    """Versions where decimal strings and doubles go wrong: digit-count edges, 2**53, the maximum."""
+    edges = [10**n + d for n in range(19) for d in (-1, 0, 1)] + [BIG + d for d in range(-2, 3)]
+    edges += [MAX - d for d in range(3)] + [rng.randint(0, MAX) for _ in range(20)]
+    return [v for v in edges if 0 <= v <= MAX]
+
+
+async def test_version_order_matches_python_ints_on_boundary_pairs(cache: VersionedCache) -> None:
+    """For boundary and random pairs (a, b), put b after a is stored iff b > a, and insert gives a + 1."""
+    rng = random.Random(4242)
+    versions = _boundary_versions(rng)
+    for index in range(150):
+        a, b = rng.choice(versions), rng.choice(versions)
+        key = f"pair{index}"
+        await cache.put_if_newer(key, "a", a)
+        assert await cache.put_if_newer(key, "b", b) is (b > a), (a, b)
+        stored = max(a, b)
+        if stored < MAX:
+            assert await cache.insert(key, "c", version=stored) == stored + 1
+
+
 # -- add / insert / remove -------------------------------------------------------------------------
 
 
@@ -280,10 +303,12 @@ async def test_invalidate_at_the_maximum_version_leaves_the_key_unwritable(cache
 
 
 async def test_get_and_lock_returns_the_item_and_a_handle(cache: VersionedCache) -> None:
-    """get_and_lock returns the current item (None if absent) and a handle with token and fence."""
+    """get_and_lock returns the item (None if absent) and a handle: token, growing fence, expires_at."""
+    before = time.time()
     item, lock = await cache.get_and_lock("k", lock_timeout=30)
     assert item is None
     assert lock.key == "k"
+    assert before + 30 <= lock.expires_at <= time.time() + 30
     assert len(lock.token) >= 16
     await cache.unlock("k", lock)
     await cache.put_if_newer("k", "v", 4)
@@ -454,13 +479,14 @@ def _key_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
 
 
 def _version_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
-    return [
+    calls: list[Callable[[VersionedCache], Awaitable[Any]]] = [
         lambda c: c.get_if_newer("k", bad),
         lambda c: c.put_if_newer("k", "v", bad),
-        lambda c: c.insert("k", "v", version=bad) if bad is not None else c.insert("k", "v", version=-5),
-        lambda c: c.remove("k", version=bad) if bad is not None else c.remove("k", version=-5),
         lambda c: c.invalidate("k", bad),
     ]
+    if bad is not None:  # None means "no version" where the version is optional
+        calls += [lambda c: c.insert("k", "v", version=bad), lambda c: c.remove("k", version=bad)]
+    return calls
 
 
 def _ttl_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
