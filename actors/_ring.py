@@ -27,6 +27,8 @@ _SPACE = 1 << 64
 _WORDS_PER_DIGEST = 8  # a 64-byte BLAKE2b digest holds eight 64-bit positions
 MAX_PROBES = _WORDS_PER_DIGEST
 DEFAULT_PROBES = 3
+_INDEX_BITS = 32  # node indexes are stored as uint32
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
 MAX_VNODES = 4096
 
 
@@ -80,14 +82,15 @@ class Ring:
         self._probes = _validate_count("probes", probes, MAX_PROBES)
         self._nodes = frozenset(validate_node_id(node) for node in nodes)
         self._names = tuple(sorted(self._nodes))
+        # Sort (position, node index) packed into one int: same order as the pair, no tuple per vnode.
         placed = sorted(
-            (position, index)
+            position << _INDEX_BITS | index
             for index, name in enumerate(self._names)
             for position in _vnode_positions(name, self._vnodes)
         )
-        # Two flat typed arrays instead of a list of tuples: 12 bytes per virtual node, not about 100.
-        self._points = array("Q", [position for position, _ in placed])
-        self._owners = array("L", [index for _, index in placed])
+        # Two flat typed arrays instead of a list of pairs: 12 bytes per virtual node, not about 100.
+        self._points = array("Q", [packed >> _INDEX_BITS for packed in placed])
+        self._owners = array("I", [packed & _INDEX_MASK for packed in placed])
 
     @property
     def nodes(self) -> frozenset[str]:
