@@ -76,40 +76,39 @@ async def test_bank_account_in_tasks_keeps_the_exact_balance(backend: Backend) -
     assert item.version == 1 + 24 * 8
 
 
-async def test_bank_account_across_processes_keeps_the_exact_balance(redis_url: str, namespace: str) -> None:
+@pytest.fixture
+async def shared_redis(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Backend]:
+    async for opened in open_backend("redis", request, namespace):
+        yield opened
+
+
+async def test_bank_account_across_processes_keeps_the_exact_balance(
+    shared_redis: Backend, redis_url: str
+) -> None:
     """3 OS processes and the test's own tasks, all on the shared Redis, end with the exact balance."""
     processes, tasks, ops = 3, 8, 6
-    async for backend in open_backend("redis", _NoRequest(redis_url), namespace):
-        await _start_account(backend.cache)
-        workers = [await _spawn(redis_url, namespace, tasks, ops, seed) for seed in range(processes)]
-        try:
-            for worker in workers:
-                assert await _read_line(worker) == "ready"
-            for worker in workers:
-                assert worker.stdin is not None
-                await worker.stdin.send(b"go\n")
-            own = await run_tasks(backend.cache, "account", tasks=tasks, ops=ops, seed=99)
-            totals = [int(await _read_line(worker)) for worker in workers]
-            for worker in workers:
-                assert await worker.wait() == 0
-        finally:
-            for worker in workers:
-                await worker.aclose()
-        item = await backend.cache.get("account")
-        assert item is not None
-        assert item.value == 10_000 + own + sum(totals)
-        assert item.version == 1 + (processes + 1) * tasks * ops
-
-
-class _NoRequest:
-    """Stands in for pytest's request where only ``redis_url`` is looked up."""
-
-    def __init__(self, redis_url: str) -> None:
-        self._redis_url = redis_url
-
-    def getfixturevalue(self, name: str) -> str:
-        assert name == "redis_url"
-        return self._redis_url
+    cache = shared_redis.cache
+    await _start_account(cache)
+    workers = [await _spawn(redis_url, shared_redis.namespace, tasks, ops, seed) for seed in range(processes)]
+    try:
+        for worker in workers:
+            assert await _read_line(worker) == "ready"
+        for worker in workers:  # release them together, then join in with this process's tasks
+            assert worker.stdin is not None
+            await worker.stdin.send(b"go\n")
+        own = await run_tasks(cache, "account", tasks=tasks, ops=ops, seed=99)
+        totals = [int(await _read_line(worker)) for worker in workers]
+        for worker in workers:
+            assert await worker.wait() == 0
+    finally:
+        for worker in workers:
+            if worker.returncode is None:  # a failed test must not leave a worker behind
+                worker.kill()
+            await worker.aclose()
+    item = await cache.get("account")
+    assert item is not None
+    assert item.value == 10_000 + own + sum(totals)
+    assert item.version == 1 + (processes + 1) * tasks * ops
 
 
 async def _spawn(url: str, namespace: str, tasks: int, ops: int, seed: int) -> Process:
