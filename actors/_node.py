@@ -479,7 +479,9 @@ class Node:
             cursor = self._feed_after if self._feed_after is not None else await self._current_cursor()
             started = False
             retrying = AsyncRetrying(
-                wait=wait_random_exponential(multiplier=0.05, max=2.0),
+                wait=wait_random_exponential(
+                    multiplier=self._actor_options["retry_initial"], max=self._actor_options["retry_max"]
+                ),
                 retry=retry_if_exception(_is_transient),
                 before_sleep=self._log_feed_retry,
                 sleep=anyio.sleep,

@@ -113,3 +113,29 @@ class ManualMembership:
         self._view = frozenset(view)
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+
+
+class BrokenFeedStore(WrappedStore):
+    """Its first feed raises ``StoreUnavailable`` after ``good`` changes; later feeds work. Records each
+    ``after`` the feed was opened with."""
+
+    def __init__(self, inner: GraphStore, good: int) -> None:
+        super().__init__(inner)
+        self.good = good
+        self.opened_after: list[int | None] = []
+        self.reopened = anyio.Event()
+
+    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
+        self.opened_after.append(after)
+        if len(self.opened_after) == 2:
+            self.reopened.set()
+        feed = self.inner.changes(after=after)
+        return self._break(feed) if len(self.opened_after) == 1 else feed
+
+    async def _break(self, feed: AsyncIterator[Change]) -> AsyncIterator[Change]:
+        try:
+            for _ in range(self.good):
+                yield await anext(feed)
+            raise StoreUnavailable("injected feed failure")
+        finally:
+            await feed.aclose()  # type: ignore[attr-defined]

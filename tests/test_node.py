@@ -22,7 +22,7 @@ from actors import (
 )
 from cache import MemoryCache
 from storage import Graph, MemoryStore, Upsert
-from tests._actor_fakes import FlakyStore, GatedStore, ManualMembership
+from tests._actor_fakes import BrokenFeedStore, FlakyStore, GatedStore, ManualMembership
 
 pytestmark = pytest.mark.anyio
 
@@ -225,6 +225,25 @@ async def test_losing_roots_keeps_serving_them_for_the_handoff(
         version = await add_child(store, moved, "c")
         await anyio.wait_all_tasks_blocked()
     assert (await cached_version(cache, moved) == version) is rebuilt
+
+
+async def test_a_failed_feed_resumes_from_its_last_cursor(cache: MemoryCache) -> None:
+    """When the change feed fails, the node reopens it after the last change it saw and misses none."""
+    store = MemoryStore()
+    roots = [f"f{i}" for i in range(10)]
+    for root in roots:
+        await store.create_root(root, {})
+    broken = BrokenFeedStore(store, good=3)
+    async with Node(store=broken, cache=cache, node_id="a", retry_initial=0.001) as node:
+        versions = {root: await add_child(store, root, "c") for root in roots}
+        with anyio.fail_after(10):
+            await broken.reopened.wait()
+        await anyio.wait_all_tasks_blocked()
+        cached = {root: await cached_version(cache, root) for root in roots}
+        stats = node.statistics()
+    assert cached == versions
+    assert broken.opened_after == [None, 13]  # 10 creates, then the third change after the start
+    assert (stats.notifications, stats.rebuilds) == (10, 10)
 
 
 async def test_idle_actors_passivate_after_many_roots(cache: MemoryCache) -> None:
