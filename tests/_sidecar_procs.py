@@ -32,7 +32,7 @@ class Sidecar:
         """``name`` (or ``name:result``) -> value of this node's graphcache samples."""
         return parse_metrics(await http_get(self.metrics_url))
 
-    async def stop(self, signum: int = signal.SIGTERM, *, within: float = 15) -> int:
+    async def stop(self, signum: signal.Signals = signal.SIGTERM, *, within: float = 15) -> int:
         """Send ``signum`` and wait for the exit code."""
         if self.process.returncode is None:
             self.process.send_signal(signum)

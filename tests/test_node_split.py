@@ -96,7 +96,7 @@ def split_node(store: PostgresStore, cache: RedisCache, node_id: str, consistenc
 
 @pytest.mark.parametrize("consistency", ["bounded", "strict"])
 async def test_split_views_keep_g1_g2_g3(
-    store: PostgresStore, caches: list[RedisCache], consistency: str
+    store: PostgresStore, caches: list[RedisCache], consistency: Consistency
 ) -> None:
     """Nodes that each think they own the roots, under concurrent writes: no regression, no torn graph,
     and the cache converges to the committed versions once writes stop."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import time
@@ -38,7 +39,9 @@ OPTIONS = {
 def serve_parser_help() -> str:
     parser = run.build_parser()
     action = next(a for a in parser._actions if a.dest == "command")
-    return action.choices["serve"].format_help()  # type: ignore[index]
+    assert isinstance(action.choices, dict)
+    serve: argparse.ArgumentParser = action.choices["serve"]
+    return serve.format_help()
 
 
 def test_help_names_every_option_and_its_environment_variable() -> None:
