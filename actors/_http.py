@@ -16,6 +16,8 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from ._errors import InvalidArgument
+
 __all__ = ("InvalidPort", "Route", "serve_http")
 
 logger = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ HEAD_TIMEOUT = 10.0
 _TEXT = "text/plain; charset=utf-8"
 
 
-class InvalidPort(ValueError):
+class InvalidPort(InvalidArgument):
     """The port is not an int in 0..65535."""
 
 

@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from ._errors import InvalidArgument
 from ._ring import validate_node_id
 
 __all__ = (
@@ -57,7 +58,7 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
-class InvalidMembershipConfig(ValueError):
+class InvalidMembershipConfig(InvalidArgument):
     """A membership argument is out of range (e.g. not ``ttl > heartbeat > 0``)."""
 
 

@@ -12,6 +12,9 @@ Why moves stay minimal: the owner is ``argmin(score(root, node), node)`` over th
 node's score is the shortest clockwise distance from any probe to one of *its* virtual nodes and
 depends on no other node. Adding a node can therefore only hand roots to that node, and removing
 one only moves the roots it owned.
+
+Errors join the package's tree (``actors._errors``): `EmptyRing` is an ``ActorError`` and a
+``LookupError``; `InvalidNodeId` and `InvalidRingConfig` are ``InvalidArgument`` (so ``ValueError``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import hashlib
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable
+
+from ._errors import ActorError, InvalidArgument
 
 __all__ = ("EmptyRing", "InvalidNodeId", "InvalidRingConfig", "Ring")
 
@@ -32,15 +37,15 @@ _INDEX_MASK = (1 << _INDEX_BITS) - 1
 MAX_VNODES = 4096
 
 
-class EmptyRing(LookupError):
+class EmptyRing(ActorError, LookupError):
     """The ring has no nodes, so no root has an owner."""
 
 
-class InvalidNodeId(ValueError):
+class InvalidNodeId(InvalidArgument):
     """A node id is not a non-empty ``str``."""
 
 
-class InvalidRingConfig(ValueError):
+class InvalidRingConfig(InvalidArgument):
     """``vnodes`` or ``probes`` is not an int in its allowed range."""
 
 

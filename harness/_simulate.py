@@ -37,6 +37,7 @@ from actors import Ring
 from actors._ring import DEFAULT_PROBES
 
 __all__ = (
+    "InvalidSimulation",
     "MemoryEstimate",
     "PlanRow",
     "RingRow",
@@ -50,6 +51,10 @@ __all__ = (
 
 T = TypeVar("T")
 MAILBOX_SIZE = 16
+
+
+class InvalidSimulation(ValueError):
+    """A simulation argument is out of range; nothing was run."""
 
 
 class RingRow(NamedTuple):
@@ -166,9 +171,9 @@ def simulate_ring(
     """One `RingRow` per node count (see the module docstring for what each figure means)."""
     counts = list(node_counts)
     if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in counts):
-        raise ValueError(f"node counts must be ints >= 2 (a leave needs a survivor), got {counts!r}")
+        raise InvalidSimulation(f"node counts must be ints >= 2 (a leave needs a survivor), got {counts!r}")
     if isinstance(roots, bool) or not isinstance(roots, int) or roots < 1:
-        raise ValueError(f"roots must be a positive int, got {roots!r}")
+        raise InvalidSimulation(f"roots must be a positive int, got {roots!r}")
     root_ids = [f"root-{index}" for index in range(roots)]
     return [_simulate_one(count, root_ids, vnodes, probes, seed) for count in counts]
 
@@ -245,7 +250,7 @@ def estimate_memory(count: int = 10_000) -> MemoryEstimate:
 
     Runs its own event loop for the task figure, so call it from synchronous code."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be a positive int, got {count!r}")
+        raise InvalidSimulation(f"count must be a positive int, got {count!r}")
     live = _measure_live(count)
     with_task = anyio.run(_measure_with_tasks, count)
     passivated = _traced_bytes(lambda: _make_passivated(count))[1] / count
@@ -265,7 +270,7 @@ def plan_deployment(
     Every root a node owns costs a passivated entry; each hot one also a live actor with its task."""
     row = next((r for r in rows if r.nodes == nodes), None)
     if row is None:
-        raise ValueError(f"no simulated row for {nodes} nodes: add it to the node counts")
+        raise InvalidSimulation(f"no simulated row for {nodes} nodes: add it to the node counts")
     roots_per_node = -(-roots // nodes)
     plan = []
     for share in hot_shares:
@@ -385,12 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--probes", type=int, default=DEFAULT_PROBES, help="hash probes per lookup, 1 = classic"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the node names")
+    parser.add_argument("--memory-objects", type=int, default=10_000, help="objects per memory measurement")
     parser.add_argument("--plan-nodes", type=int, default=100, help="deployment plan: node count (simulated)")
     parser.add_argument("--plan-roots", type=int, default=10_000_000, help="deployment plan: total roots")
     args = parser.parse_args(argv)
     rows = simulate_ring(args.nodes, roots=args.roots, vnodes=args.vnodes, probes=args.probes, seed=args.seed)
     print(format_table(rows))
-    memory = estimate_memory()
+    memory = estimate_memory(args.memory_objects)
     print()
     print(format_memory(memory))
     if any(row.nodes == args.plan_nodes for row in rows):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors import EmptyRing, InvalidNodeId, InvalidRingConfig, Ring
+from actors import ActorError, EmptyRing, InvalidArgument, InvalidNodeId, InvalidRingConfig, Ring
 from actors._ring import _vnode_positions, _words
 
 SPACE = 1 << 64
@@ -115,19 +115,21 @@ def test_a_join_moves_about_one_nth_of_the_roots() -> None:
 
 
 def test_an_empty_ring_has_no_owner() -> None:
-    """owner() on an empty ring raises EmptyRing, a LookupError; owns() is False."""
+    """owner() on an empty ring raises EmptyRing (an ActorError and LookupError); owns() is False."""
     ring = Ring([])
     with pytest.raises(EmptyRing, match="empty"):
         ring.owner("root")
+    assert issubclass(EmptyRing, ActorError)
     assert issubclass(EmptyRing, LookupError)
     assert not ring.owns("a", "root")
 
 
 @pytest.mark.parametrize("bad", ["", 7, None, b"a"])
 def test_a_bad_node_id_is_refused(bad: object) -> None:
-    """A node id that is not a non-empty str raises InvalidNodeId (a ValueError)."""
+    """A node id that is not a non-empty str raises InvalidNodeId (an InvalidArgument, a ValueError)."""
     with pytest.raises(InvalidNodeId) as info:
         Ring(["a", bad])  # type: ignore[list-item]
+    assert isinstance(info.value, InvalidArgument)
     assert isinstance(info.value, ValueError)
 
 
