@@ -174,12 +174,12 @@ async def test_a_stopped_server_raises_cache_unavailable_then_recovers(private_r
     cache = RedisCache.from_url(private_redis.url, namespace="t", connect_timeout=1, socket_timeout=1)
     async with cache:
         assert await cache.put_if_newer("k", "a", 1)
-        private_redis.stop()
+        await anyio.to_thread.run_sync(private_redis.stop)  # blocking process control, off the loop
         with anyio.fail_after(30):  # a hang guard: each call is bounded by the client timeouts
             for call in (cache.get("k"), cache.put_if_newer("k", "b", 2), cache.insert("k", "c")):
                 with pytest.raises(CacheUnavailable, match=re.escape(f"127.0.0.1:{private_redis.port}")):
                     await call
-        private_redis.start()
+        await anyio.to_thread.run_sync(private_redis.start)
         assert await cache.get("k") is None  # a fresh server without persistence: the data is gone
         assert await cache.put_if_newer("k", "b", 2)
         assert await cache.get("k") == CacheItem("k", "b", 2)
@@ -188,7 +188,7 @@ async def test_a_stopped_server_raises_cache_unavailable_then_recovers(private_r
 async def test_cache_unavailable_keeps_the_redis_error_as_its_cause(private_redis: PrivateRedis) -> None:
     """The mapped error is a CacheError whose __cause__ is the redis-py exception."""
     async with RedisCache.from_url(private_redis.url, namespace="t", connect_timeout=1) as cache:
-        private_redis.stop()
+        await anyio.to_thread.run_sync(private_redis.stop)  # blocking process control, off the loop
         with pytest.raises(CacheUnavailable) as caught:
             await cache.get("k")
     assert isinstance(caught.value, CacheError)
