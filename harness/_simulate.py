@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import random
 import time
 import tracemalloc
@@ -37,11 +38,14 @@ from actors import Ring
 from actors._ring import DEFAULT_PROBES
 
 __all__ = (
+    "BalanceRow",
     "InvalidSimulation",
     "MemoryEstimate",
     "PlanRow",
     "RingRow",
+    "balance_study",
     "estimate_memory",
+    "format_balance",
     "format_memory",
     "format_plan",
     "format_table",
@@ -73,6 +77,19 @@ class RingRow(NamedTuple):
     build_ms: float
     lookup_us: float
     ring_bytes: int
+
+
+class BalanceRow(NamedTuple):
+    nodes: int
+    vnodes: int
+    probes: int
+    clusters: int  # random node-name sets tried
+    roots: int
+    median_max: float  # median over clusters of max/mean
+    p95_max: float
+    worst_max: float
+    worst_min: float  # lowest min/mean of any cluster
+    beyond_15: float  # share of clusters whose busiest or idlest node is more than 15% off the mean
 
 
 class MemoryEstimate(NamedTuple):
@@ -176,6 +193,50 @@ def simulate_ring(
         raise InvalidSimulation(f"roots must be a positive int, got {roots!r}")
     root_ids = [f"root-{index}" for index in range(roots)]
     return [_simulate_one(count, root_ids, vnodes, probes, seed) for count in counts]
+
+
+def _balance_row(
+    nodes: int, clusters: int, root_ids: Sequence[str], *, vnodes: int, probes: int, seed: int
+) -> BalanceRow:
+    rng = random.Random(f"{seed}:balance:{nodes}")
+    mean = len(root_ids) / nodes
+    spreads = []
+    for _ in range(clusters):
+        names = _node_ids(nodes, rng)
+        ring = Ring(names, vnodes=vnodes, probes=probes)
+        spreads.append(_spread([ring.owner(root) for root in root_ids], names, mean))
+    maxima = sorted(high for high, _ in spreads)
+    return BalanceRow(
+        nodes=nodes,
+        vnodes=vnodes,
+        probes=probes,
+        clusters=clusters,
+        roots=len(root_ids),
+        median_max=maxima[len(maxima) // 2],
+        p95_max=maxima[min(len(maxima) - 1, math.ceil(0.95 * len(maxima)) - 1)],
+        worst_max=maxima[-1],
+        worst_min=min(low for _, low in spreads),
+        beyond_15=sum(high > 1.15 or low < 0.85 for high, low in spreads) / clusters,
+    )
+
+
+def balance_study(
+    *,
+    nodes: int = 10,
+    clusters: int = 50,
+    roots: int = 20_000,
+    vnodes: int = 128,
+    probes: Iterable[int] = (1, DEFAULT_PROBES),
+    seed: int = 0,
+) -> list[BalanceRow]:
+    """How balance varies over ``clusters`` random node-name sets, per probe count (1 = classic ring)."""
+    for name, value, least in (("nodes", nodes, 1), ("clusters", clusters, 1), ("roots", roots, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InvalidSimulation(f"{name} must be a positive int, got {value!r}")
+    root_ids = [f"root-{index}" for index in range(roots)]
+    return [
+        _balance_row(nodes, clusters, root_ids, vnodes=vnodes, probes=count, seed=seed) for count in probes
+    ]
 
 
 class _ActorShape:
@@ -331,6 +392,28 @@ def format_table(rows: Sequence[RingRow]) -> str:
     return _render(header, lines)
 
 
+def format_balance(rows: Sequence[BalanceRow]) -> str:
+    """The balance study as an aligned text table."""
+    header = ["nodes", "vnodes", "probes", "clusters", "roots", "median max/mean", "p95", "worst max",
+              "worst min", "beyond 15%"]  # fmt: skip
+    lines = [
+        [
+            str(r.nodes),
+            str(r.vnodes),
+            str(r.probes),
+            str(r.clusters),
+            str(r.roots),
+            f"{r.median_max:.3f}",
+            f"{r.p95_max:.3f}",
+            f"{r.worst_max:.3f}",
+            f"{r.worst_min:.3f}",
+            f"{r.beyond_15:.0%}",
+        ]
+        for r in rows
+    ]
+    return _render(header, lines)
+
+
 def format_memory(memory: MemoryEstimate) -> str:
     """The memory estimate as an aligned text table."""
     header = ["measured (tracemalloc)", "bytes each", f"per {memory.objects:,}"]
@@ -391,6 +474,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the node names")
     parser.add_argument("--memory-objects", type=int, default=10_000, help="objects per memory measurement")
+    parser.add_argument(
+        "--balance-clusters",
+        type=int,
+        default=0,
+        help="also study balance over this many random 10-node clusters",
+    )
     parser.add_argument("--plan-nodes", type=int, default=100, help="deployment plan: node count (simulated)")
     parser.add_argument("--plan-roots", type=int, default=10_000_000, help="deployment plan: total roots")
     args = parser.parse_args(argv)
@@ -402,6 +491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(row.nodes == args.plan_nodes for row in rows):
         print()
         print(format_plan(plan_deployment(rows, memory, nodes=args.plan_nodes, roots=args.plan_roots)))
+    if args.balance_clusters:
+        print()
+        study = balance_study(clusters=args.balance_clusters, vnodes=args.vnodes, seed=args.seed)
+        print(format_balance(study))
     return 0
 
 

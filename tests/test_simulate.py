@@ -7,10 +7,13 @@ import math
 import pytest
 
 from harness._simulate import (
+    BalanceRow,
     InvalidSimulation,
     MemoryEstimate,
     RingRow,
+    balance_study,
     estimate_memory,
+    format_balance,
     format_memory,
     format_plan,
     format_table,
@@ -80,6 +83,35 @@ def test_bad_simulation_arguments_are_refused(counts: tuple[int, ...], roots: in
         simulate_ring(counts, roots=roots)
 
 
+@pytest.fixture(scope="module")
+def study() -> list[BalanceRow]:
+    return balance_study(nodes=10, clusters=10, roots=5_000, vnodes=32, probes=(1, 3), seed=2)
+
+
+def test_the_balance_study_has_a_row_per_probe_count_with_ordered_figures(study: list[BalanceRow]) -> None:
+    """Per probe count: worst >= p95 >= median max/mean >= 1 >= worst min, share beyond 15% in [0, 1]."""
+    assert [(r.nodes, r.vnodes, r.probes, r.clusters, r.roots) for r in study] == [
+        (10, 32, 1, 10, 5_000),
+        (10, 32, 3, 10, 5_000),
+    ]
+    for r in study:
+        assert r.worst_max >= r.p95_max >= r.median_max >= 1 >= r.worst_min
+        assert 0 <= r.beyond_15 <= 1
+
+
+def test_three_probes_balance_better_than_the_classic_ring(study: list[BalanceRow]) -> None:
+    """Over 10 random clusters, the median busiest node is closer to the mean with 3 probes than with 1."""
+    classic, multi = study
+    assert multi.median_max < classic.median_max
+    assert multi.worst_max < classic.worst_max
+
+
+def test_bad_study_arguments_are_refused() -> None:
+    """balance_study needs positive int nodes, clusters and roots."""
+    with pytest.raises(InvalidSimulation, match="clusters"):
+        balance_study(clusters=0)
+
+
 def test_memory_shapes_order_as_their_contents() -> None:
     """A parked task costs more than the actor's state alone, which costs more than a passivated entry."""
     memory = estimate_memory(500)
@@ -110,12 +142,13 @@ def test_a_plan_for_an_unsimulated_node_count_is_refused(rows: list[RingRow]) ->
         plan_deployment(rows, MemoryEstimate(1, 1.0, 1.0, 1.0), nodes=100)
 
 
-def test_tables_have_a_header_a_rule_and_a_line_per_row(rows: list[RingRow]) -> None:
-    """format_table, format_memory and format_plan render aligned lines, one per row."""
+def test_tables_have_a_header_a_rule_and_a_line_per_row(rows: list[RingRow], study: list[BalanceRow]) -> None:
+    """format_table, format_balance, format_memory and format_plan render aligned lines, one per row."""
     memory = MemoryEstimate(10, 1581.0, 8729.0, 115.0)
     plan = plan_deployment(rows, memory, nodes=10, roots=1_000)
     for text, count, first in (
         (format_table(rows), 2, "nodes"),
+        (format_balance(study), 2, "nodes"),
         (format_memory(memory), 3, "measured"),
         (format_plan(plan), 3, "nodes"),
     ):
