@@ -6,8 +6,12 @@
     ├── NodeNotRunning          (also RuntimeError) the Node is used outside ``async with``
     ├── VersionNotReached       ``get(min_version=v)``: the store itself is older than ``v``
     ├── ReadTimeout             (also TimeoutError) ``get`` did not finish within its timeout
+    ├── EmptyRing               (also LookupError) a ring without nodes has no owners (``_ring.py``)
     └── InvalidArgument         (also ValueError) a bad root id, version, timeout or option; raised before
-                                any I/O
+        │                       any I/O
+        ├── InvalidNodeId, InvalidRingConfig      (``_ring.py``)
+        ├── InvalidMembershipConfig               (``_membership.py``)
+        └── InvalidPort                           (``_http.py``)
 
 Errors of the store and the cache (``storage.StoreError``, ``cache.CacheError``) pass through ``get`` and
 ``apply`` unchanged: they are already mapped at their own seams.

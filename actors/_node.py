@@ -98,7 +98,7 @@ class Node:
         shutdown_timeout: float = 5.0,
         checkpoint_interval: float = 0.5,
     ) -> None:
-        self.node_id = _check_node_id(node_id)
+        self.node_id = validate_node_id(node_id)
         if consistency not in _CONSISTENCIES:
             raise InvalidArgument(f"consistency must be one of {_CONSISTENCIES}, got {consistency!r}")
         self._store = store
@@ -548,13 +548,6 @@ class Node:
 def _tell_quietly(actor: RootActor, message: Message) -> None:
     with contextlib.suppress(ActorDead):
         actor.tell(message)
-
-
-def _check_node_id(node_id: object) -> str:
-    try:
-        return validate_node_id(node_id)
-    except ValueError as exc:
-        raise InvalidArgument(str(exc)) from exc
 
 
 def _check_count(value: object, *, name: str, low: int = 1) -> int:
