@@ -21,10 +21,11 @@ show up with a version lower than one already delivered (a transaction that took
 the root late); the iterator skips those superseded changes, so each root's delivered versions strictly
 increase within one iterator. Its highest delivered version is always the committed one.
 
-Wake-ups. A dedicated listener connection (never from the pool) LISTENs; a NOTIFY (or the listener's loss)
-wakes the poller at once, otherwise it polls every ``poll_interval`` seconds, so a lost NOTIFY is only a
-delay. A lost listener reconnects with capped, jittered exponential backoff while polling goes on; a
-failed poll backs off the same way and the feed resumes where it was when the database returns.
+Wake-ups. Each feed has one dedicated connection (never from the pool, so polls never queue behind
+writers; ``application_name`` "graphcache feed <schema>") that LISTENs and polls. A NOTIFY (or the
+connection's loss) wakes the poller at once, otherwise it polls every ``poll_interval`` seconds, so a
+lost NOTIFY is only a delay. A lost connection is replaced at the next step; failed connects and polls
+back off (capped, jittered, exponential) and the feed resumes where it was when the database returns.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class FeedStatistics(NamedTuple):
     delivered: int
     superseded: int
     polls: int
-    failed_polls: int
-    listener_connects: int
+    failed: int  # failed connects and polls
+    connects: int
     listening: bool
     watermark: int | None
 
@@ -86,18 +87,21 @@ class PostgresFeed:
         self._buffer: deque[Change] = deque()
         self._max_seen: dict[str, int] = {}
         self._wake = anyio.Event()
-        self._listener: Any = None
-        self._listener_failures = 0
-        self._next_listen_attempt = 0.0
+        self._conn: Any = None
         self._failed_in_a_row = 0
         self._last_prune: float | None = None
         self._closed = False
-        self._delivered = self._superseded = self._polls = self._failed_polls = self._listener_connects = 0
+        self._delivered = self._superseded = self._polls = self._failed = self._connects = 0
 
     def __repr__(self) -> str:
-        listening = "listening" if self._is_listening() else "polling only"
+        if self._closed:
+            state = "closed"
+        elif not self._connected():
+            state = "disconnected"
+        else:
+            state = "listening" if self._listen else "polling only"
         return (
-            f"<PostgresFeed [{'closed' if self._closed else listening} | watermark: {self._watermark}"
+            f"<PostgresFeed [{state} | watermark: {self._watermark}"
             f" | buffered: {len(self._buffer)} | delivered: {self._delivered}]>"
         )
 
@@ -106,9 +110,9 @@ class PostgresFeed:
             self._delivered,
             self._superseded,
             self._polls,
-            self._failed_polls,
-            self._listener_connects,
-            self._is_listening(),
+            self._failed,
+            self._connects,
+            self._listen and self._connected(),
             self._watermark,
         )
 
@@ -127,7 +131,7 @@ class PostgresFeed:
         self._closed = True
         self._wake.set()
         self._store._forget(self)
-        await self._drop_listener()
+        await self._disconnect()
 
     async def __aenter__(self) -> Self:
         return self
@@ -138,16 +142,16 @@ class PostgresFeed:
         await self.aclose()
 
     async def _step(self) -> None:
-        if self._listen:
-            await self._ensure_listener()
         self._wake = anyio.Event()  # a NOTIFY from now on cuts the wait below short
         try:
-            result = await self._store._poll(self._lower, self._extra)
+            conn = await self._connection()
+            result = await self._store._poll(conn, self._lower, self._extra)
         except StoreUnavailable as exc:
-            self._failed_polls += 1
+            self._failed += 1
             self._failed_in_a_row += 1
             delay = _backoff(self._poll_interval, self._failed_in_a_row)
             logger.warning("change feed poll failed (retrying in %.2fs): %s", delay, exc)
+            await self._disconnect()  # whatever state it is in, start afresh
         else:
             self._polls += 1
             self._failed_in_a_row = 0
@@ -182,43 +186,35 @@ class PostgresFeed:
             if pruned:
                 logger.info("pruned %d outbox rows older than %.0fs", pruned, self._store._retention)
 
-    def _is_listening(self) -> bool:
-        return self._listener is not None and not self._listener.is_closed()
+    def _connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
 
-    async def _ensure_listener(self) -> None:
-        if self._is_listening():
-            return
-        if self._listener is not None:
-            logger.warning("change feed listener connection lost; polling until it is back")
-            await self._drop_listener()
-        now = anyio.current_time()
-        if now < self._next_listen_attempt:
-            return
-        try:
-            listener = await self._store._open_listener(self._notified)
-        except StoreUnavailable as exc:
-            self._listener_failures += 1
-            delay = _backoff(self._poll_interval, self._listener_failures)
-            self._next_listen_attempt = now + delay
-            logger.warning("change feed cannot LISTEN (retrying in %.2fs): %s", delay, exc)
-            return
-        self._listener, self._listener_failures = listener, 0
-        self._listener_connects += 1
+    async def _connection(self) -> Any:
+        if self._connected():
+            return self._conn
+        if self._conn is not None:
+            logger.warning("change feed connection lost; reconnecting")
+            await self._disconnect()
+        conn = await self._store._open_feed_connection(self._notified, listen=self._listen)
+        self._conn = conn
+        self._connects += 1
         if self._closed:  # closed while connecting
-            await self._drop_listener()
+            await self._disconnect()
+            raise StoreUnavailable("the feed was closed")
+        return conn
 
     def _notified(self) -> None:
         self._wake.set()
 
-    async def _drop_listener(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is None or listener.is_closed():
+    async def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None or conn.is_closed():
             return
         try:
             with anyio.fail_after(1.0):
-                await listener.close()
+                await conn.close()
         except Exception:  # any failure to say goodbye (server gone, timeout): drop the socket instead
-            listener.terminate()
+            conn.terminate()
 
 
 def _backoff(base: float, attempt: int) -> float:

@@ -316,7 +316,7 @@ class PostgresStore:
         return int(status.rsplit(" ", 1)[-1])
 
     async def aclose(self) -> None:
-        """Close the feeds' listener connections and the pool."""
+        """Close the feeds (and their connections) and the pool."""
         self._closed = True
         for feed in list(self._feeds):
             await feed.aclose()
@@ -328,10 +328,10 @@ class PostgresStore:
 
     # -- what PostgresFeed needs (all through the seam) ---------------------------------------------------
 
-    async def _poll(self, lower: int, extra: Sequence[int]) -> PollResult:
+    async def _poll(self, conn: Any, lower: int, extra: Sequence[int]) -> PollResult:
         """Outbox rows with ``xid >= lower`` or ``xid`` in ``extra``, with the snapshot they were read in."""
         with self._seam():
-            rows = await self._pool.fetch(self._sql.poll, lower, list(extra))
+            rows = await conn.fetch(self._sql.poll, lower, list(extra))
         first = rows[0]
         found = [
             (row["root_id"], row["version"], row["committed_at"])
@@ -340,12 +340,19 @@ class PostgresStore:
         ]
         return PollResult(first["xmin"], first["xmax"], list(first["xip"]), found)
 
-    async def _open_listener(self, wake: Callable[[], None]) -> asyncpg.Connection:
-        """A dedicated (never pooled) connection LISTENing on the schema's channel; ``wake`` per NOTIFY."""
+    async def _open_feed_connection(self, wake: Callable[[], None], *, listen: bool) -> Any:
+        """A feed's own connection (never pooled, so polls never queue behind writers), LISTENing if
+        ``listen``; ``wake`` is called on each NOTIFY and when the connection is lost."""
         with self._seam():
-            conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self._timeout,
+                command_timeout=self._timeout,
+                server_settings={"application_name": self._sql.feed_name},
+            )
             try:
-                await conn.add_listener(self._sql.channel, lambda *_: wake())
+                if listen:
+                    await conn.add_listener(self._sql.channel, lambda *_: wake())
             except BaseException:
                 conn.terminate()
                 raise

@@ -125,6 +125,7 @@ class Sql:
         s = quote_ident(schema, what="schema")
         self.schema = s
         self.channel = channel_name(schema)
+        self.feed_name = f"graphcache feed {schema}"[:63]  # application_name of feed connections
         self.lock_root = f"SELECT version FROM {s}.roots WHERE root_id = $1 FOR UPDATE"
         self.structure = f"SELECT id, parent_id, row_version FROM {s}.nodes WHERE root_id = $1"
         self.write = f"""

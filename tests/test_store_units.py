@@ -123,6 +123,14 @@ def test_within_a_poll_each_roots_changes_come_in_version_order() -> None:
     ]
 
 
+class FakeConnection:
+    def is_closed(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        pass
+
+
 class ScriptedStore:
     """Stands in for PostgresStore behind a feed: hands out scripted polls, then closes the feed."""
 
@@ -133,7 +141,10 @@ class ScriptedStore:
         self.asked: list[tuple[int, list[int]]] = []
         self.feed: PostgresFeed | None = None
 
-    async def _poll(self, lower: int, extra: Sequence[int]) -> PollResult:
+    async def _open_feed_connection(self, wake: Any, *, listen: bool) -> Any:
+        return FakeConnection()
+
+    async def _poll(self, conn: Any, lower: int, extra: Sequence[int]) -> PollResult:
         self.asked.append((lower, list(extra)))
         if len(self.asked) == len(self.polls) and self.feed is not None:
             await self.feed.aclose()
