@@ -39,6 +39,7 @@ from ._checker import check_with_lags
 from ._history import Event, HistoryWriter, read_history
 from ._procs import Child, open_cache, open_store, spawn, worker_argv
 from ._report import StrategyResult, format_table, write_chart, write_json
+from ._simulate import main as simulate_main
 from ._strategies import NAMES, STRATEGIES, Tally
 from ._workload import (
     Dist,
@@ -201,16 +202,16 @@ def _write_reports(out: Path, config: LoadConfig, results: Sequence[StrategyResu
 
 
 def _print_ring_simulation(nodes: str, seed: int) -> int:
-    from ._simulate import format_table as format_ring_table  # noqa: PLC0415  (only for --simulate-ring)
-    from ._simulate import simulate_ring  # noqa: PLC0415
-
+    """``--simulate-ring 3,10,100``: the ring simulation and actor memory estimate (harness/_simulate.py)."""
     try:
-        counts = tuple(int(n) for n in nodes.split(","))
+        counts = [int(n) for n in nodes.split(",") if n.strip()]
     except ValueError:
-        print(f"loadtest: --simulate-ring wants a comma list of node counts, got {nodes!r}")
+        counts = []
+    if not counts or min(counts) < 2:
+        print(f"loadtest: --simulate-ring wants a comma list of node counts >= 2, got {nodes!r}")
         return 2
-    print(format_ring_table(simulate_ring(node_counts=counts, seed=seed)))
-    return 0
+    # 20,000 roots keep it to seconds; ``python -m harness._simulate --help`` has every knob.
+    return simulate_main(["--nodes", ",".join(map(str, counts)), "--roots", "20000", "--seed", str(seed)])
 
 
 async def run_compare(

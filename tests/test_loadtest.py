@@ -146,3 +146,17 @@ def test_bad_flags_are_refused_before_anything_runs(
     assert code == 2
     assert message in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_simulate_ring_prints_the_ring_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """--simulate-ring prints H5's ring simulation for the given node counts instead of running load."""
+    assert loadtest(["--simulate-ring", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] == "nodes"
+    assert lines[2].split()[0] == "3"
+
+
+def test_simulate_ring_refuses_a_bad_list(capsys: pytest.CaptureFixture[str]) -> None:
+    """A node list that is not integers >= 2 exits 2 with the reason."""
+    assert loadtest(["--simulate-ring", "3,x"]) == 2
+    assert "comma list of node counts" in capsys.readouterr().out
