@@ -487,6 +487,12 @@ class Node:
                 sleep=anyio.sleep,
             )
             while True:
+                # No await from this check until the pass's cancel scope exists: a rewind asked for
+                # meanwhile (even while pinning the first cursor) is either seen here or cancels the pass.
+                if self._rewind_to is not None:
+                    cursor, self._rewind_to = self._rewind_to, None
+                    self._rewinds += 1
+                    logger.info("node %s: re-reading the change feed after cursor %d", self.node_id, cursor)
                 feed = self._store.changes(after=cursor)
                 if not started:  # the feed has fixed its starting point: changes from now on are seen
                     started = True
@@ -498,9 +504,6 @@ class Node:
                 if self._rewind_to is None:
                     logger.info("node %s: the change feed ended", self.node_id)
                     return
-                cursor, self._rewind_to = self._rewind_to, None
-                self._rewinds += 1
-                logger.info("node %s: re-reading the change feed after cursor %d", self.node_id, cursor)
 
     async def _one_pass(
         self, feed: AsyncIterator[Change], cursor: int | None, retrying: AsyncRetrying

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -139,3 +139,16 @@ class BrokenFeedStore(WrappedStore):
             raise StoreUnavailable("injected feed failure")
         finally:
             await feed.aclose()  # type: ignore[attr-defined]
+
+
+class CursorStore(WrappedStore):
+    """A store that offers ``cursor()`` (as PostgresStore does) and runs ``on_cursor`` inside it."""
+
+    def __init__(self, inner: GraphStore, cursor: int, on_cursor: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(inner)
+        self._cursor = cursor
+        self._on_cursor = on_cursor
+
+    async def cursor(self) -> int:
+        await self._on_cursor()
+        return self._cursor

@@ -22,7 +22,7 @@ from actors import (
 )
 from cache import MemoryCache
 from storage import Graph, MemoryStore, Upsert
-from tests._actor_fakes import BrokenFeedStore, FlakyStore, GatedStore, ManualMembership
+from tests._actor_fakes import BrokenFeedStore, CursorStore, FlakyStore, GatedStore, ManualMembership
 
 pytestmark = pytest.mark.anyio
 
@@ -205,6 +205,28 @@ async def test_gaining_roots_rereads_the_feed(cache: MemoryCache) -> None:
         stats = node.statistics()
     assert cached == versions
     assert (stats.rewinds, stats.rebuilds) == (1, len(roots))  # replayed changes of its own roots cost none
+
+
+async def test_a_member_leaving_while_the_node_starts_is_not_missed(cache: MemoryCache) -> None:
+    """A view change that lands while the feed's first cursor is pinned still re-reads the feed."""
+    store = MemoryStore()
+    roots = [f"s{i}" for i in range(20)]
+    for root in roots:
+        await store.create_root(root, {})
+    versions = {root: await add_child(store, root, "c") for root in roots}  # before the node starts
+    membership = ManualMembership({"a", "b"})
+
+    async def b_leaves() -> None:
+        membership.publish({"a"})
+        await anyio.wait_all_tasks_blocked()  # the node's view watcher has taken it in
+
+    pinned = CursorStore(store, cursor=40, on_cursor=b_leaves)  # 40 = after every change above
+    async with Node(store=pinned, cache=cache, node_id="a", membership=membership, handoff=60.0) as node:
+        await anyio.wait_all_tasks_blocked()
+        cached = {root: await cached_version(cache, root) for root in roots}
+        stats = node.statistics()
+    assert cached == versions
+    assert stats.rewinds == 1
 
 
 @pytest.mark.parametrize(("handoff", "rebuilt"), [(60.0, True), (0.0, False)])
