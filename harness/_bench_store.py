@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--feed-rate", type=float, default=500.0, help="commits/s for the feed (default: %(default)s)"
     )
     parser.add_argument(
+        "--feed-writers", type=int, default=24, help="concurrent feed writers (default: %(default)s)"
+    )
+    parser.add_argument(
         "--feed-seconds", type=float, default=5.0, help="feed run length (default: %(default)s)"
     )
 
@@ -84,7 +87,10 @@ async def _measure(
     load_ours, load_raw = await _alternate(
         args, lambda worker: _store_load(store), lambda worker: _raw_load(raw, schema)
     )
-    feed = await _feed_latency(store, roots, args.feed_rate, args.feed_seconds)
+    async with await PostgresStore.connect(
+        args.postgres, schema, pool_size=args.feed_writers
+    ) as writer_store:
+        feed = await _feed_latency(writer_store, roots, args)
     rate = f"@ {feed.achieved:.0f} commits/s"
     return [
         ("apply, transactions/s", apply_ours, apply_raw, "ratio >= 0.8"),
@@ -176,15 +182,16 @@ class _FeedRun(NamedTuple):
     from_write: list[float]  # seconds from the outbox row's clock_timestamp() (before COMMIT) until delivery
 
 
-async def _feed_latency(store: PostgresStore, roots: list[str], rate: float, seconds: float) -> _FeedRun:
-    """Commit at a steady ``rate`` (paced starts, many in flight) and time each change's delivery."""
+async def _feed_latency(store: PostgresStore, roots: list[str], args: argparse.Namespace) -> _FeedRun:
+    """Commit at a steady rate (paced starts, many in flight) and time each change's delivery."""
+    rate: float = args.feed_rate
     acked: dict[tuple[str, int], float] = {}
     delivered: dict[tuple[str, int], float] = {}
     from_write: list[float] = []
     latest: dict[str, int] = {}
     final: dict[str, int] = {}
     caught_up = anyio.Event()
-    total = int(rate * seconds)
+    total = int(rate * args.feed_seconds)
     send, receive = anyio.create_memory_object_stream[int](total)
     feed = store.changes(after=await store.cursor())
 
@@ -216,7 +223,7 @@ async def _feed_latency(store: PostgresStore, roots: list[str], rate: float, sec
         started = time.perf_counter()
         async with anyio.create_task_group() as writers:
             writers.start_soon(pacer, started)
-            for _ in range(16):
+            for _ in range(args.feed_writers):
                 writers.start_soon(writer, receive.clone())
             receive.close()
         elapsed = time.perf_counter() - started
