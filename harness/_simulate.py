@@ -14,6 +14,8 @@ like theirs (no import of the actor code, so the figure is reproducible on its o
                      in a ``dict`` keyed by the root id (the id string included)
   + parked task      the same plus a task blocked in ``receive()`` on that mailbox (asyncio backend)
   passivated root    one ``dict`` entry root id -> int (e.g. the last version built), id string included
+  RootActor          as a cross-check, graphcache's own ``actors.RootActor`` (MemoryStore, MemoryCache),
+                     started in a task group and idle; the deployment plan uses this figure
 
 Run it: ``python -m harness._simulate --nodes 3,10,100,1000 --roots 100000`` (or ``run.py loadtest
 --simulate-ring 3,10,100,1000``).
@@ -34,8 +36,10 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from actors import Ring
+from actors import Ring, RootActor
 from actors._ring import DEFAULT_PROBES
+from cache import MemoryCache
+from storage import MemoryStore
 
 __all__ = (
     "BalanceRow",
@@ -97,6 +101,7 @@ class MemoryEstimate(NamedTuple):
     live_actor_bytes: float
     live_actor_with_task_bytes: float
     passivated_root_bytes: float
+    root_actor_bytes: float  # graphcache's own RootActor, started and idle (the plan uses this)
 
 
 class PlanRow(NamedTuple):
@@ -302,12 +307,33 @@ async def _measure_with_tasks(count: int) -> float:
     return used / count
 
 
+async def _measure_root_actors(count: int) -> float:
+    store, cache = MemoryStore(), MemoryCache()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        actors: dict[str, RootActor] = {}
+        async with anyio.create_task_group() as tg:
+            for index in range(count):
+                actor = RootActor(f"root-{index:08d}", store=store, cache=cache, idle_timeout=3600.0)
+                actors[actor.root_id] = actor
+                await tg.start(actor.run)
+            await anyio.wait_all_tasks_blocked()
+            used = tracemalloc.get_traced_memory()[0] - before
+            tg.cancel_scope.cancel()
+    finally:
+        tracemalloc.stop()
+    await cache.aclose()
+    return used / count
+
+
 def _make_passivated(count: int) -> dict[str, int]:
     return {f"root-{index:08d}": 1_000_000 + index for index in range(count)}
 
 
 def estimate_memory(count: int = 10_000) -> MemoryEstimate:
-    """Bytes per live actor, per live actor with its parked task, per passivated root.
+    """Bytes per live actor shape, the same with its parked task, per passivated root, per RootActor.
 
     Runs its own event loop for the task figure, so call it from synchronous code."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -315,7 +341,8 @@ def estimate_memory(count: int = 10_000) -> MemoryEstimate:
     live = _measure_live(count)
     with_task = anyio.run(_measure_with_tasks, count)
     passivated = _traced_bytes(lambda: _make_passivated(count))[1] / count
-    return MemoryEstimate(count, live, with_task, passivated)
+    root_actor = anyio.run(_measure_root_actors, count)
+    return MemoryEstimate(count, live, with_task, passivated, root_actor)
 
 
 def plan_deployment(
@@ -328,7 +355,7 @@ def plan_deployment(
 ) -> list[PlanRow]:
     """Per-node needs of a deployment, from the measured row for ``nodes`` (which must be simulated).
 
-    Every root a node owns costs a passivated entry; each hot one also a live actor with its task."""
+    Every root a node owns costs a passivated entry; each hot one also a live `RootActor`."""
     row = next((r for r in rows if r.nodes == nodes), None)
     if row is None:
         raise InvalidSimulation(f"no simulated row for {nodes} nodes: add it to the node counts")
@@ -344,7 +371,7 @@ def plan_deployment(
                 roots_per_node=roots_per_node,
                 actors_per_node=actors,
                 ring_bytes=row.ring_bytes,
-                actors_bytes=actors * memory.live_actor_with_task_bytes,
+                actors_bytes=actors * memory.root_actor_bytes,
                 passivated_bytes=roots_per_node * memory.passivated_root_bytes,
             )
         )
@@ -423,6 +450,7 @@ def format_memory(memory: MemoryEstimate) -> str:
             ("live actor (mailbox + state + dict entry)", memory.live_actor_bytes),
             ("live actor with its parked task", memory.live_actor_with_task_bytes),
             ("passivated root (dict entry id -> int)", memory.passivated_root_bytes),
+            ("graphcache RootActor, started and idle", memory.root_actor_bytes),
         )
     ]
     return _render(header, lines)

@@ -113,10 +113,12 @@ def test_bad_study_arguments_are_refused() -> None:
 
 
 def test_memory_shapes_order_as_their_contents() -> None:
-    """A parked task costs more than the actor's state alone, which costs more than a passivated entry."""
+    """A parked task costs more than the actor's state alone, which costs more than a passivated entry;
+    a real RootActor (state and task) costs more than the state alone."""
     memory = estimate_memory(500)
     assert memory.objects == 500
     assert memory.live_actor_with_task_bytes > memory.live_actor_bytes > memory.passivated_root_bytes > 0
+    assert memory.root_actor_bytes > memory.live_actor_bytes
 
 
 def test_a_bad_object_count_is_refused() -> None:
@@ -126,10 +128,10 @@ def test_a_bad_object_count_is_refused() -> None:
 
 
 def test_the_plan_multiplies_measured_figures() -> None:
-    """Per node: roots/nodes rounded up, hot share of them as actors, bytes from the measured sizes."""
+    """Per node: roots/nodes rounded up, hot share of them as RootActors, bytes from the measured sizes."""
     row = simulate_ring((3,), roots=100, vnodes=8)[0]
-    memory = MemoryEstimate(objects=10, live_actor_bytes=100.0, live_actor_with_task_bytes=1000.0,
-                            passivated_root_bytes=10.0)  # fmt: skip
+    memory = MemoryEstimate(objects=10, live_actor_bytes=100.0, live_actor_with_task_bytes=900.0,
+                            passivated_root_bytes=10.0, root_actor_bytes=1000.0)  # fmt: skip
     (plan,) = plan_deployment([row], memory, nodes=3, roots=1_000, hot_shares=[0.1])
     assert (plan.roots_per_node, plan.actors_per_node) == (334, 33)
     assert (plan.ring_bytes, plan.actors_bytes, plan.passivated_bytes) == (row.ring_bytes, 33_000.0, 3_340.0)
@@ -139,17 +141,17 @@ def test_the_plan_multiplies_measured_figures() -> None:
 def test_a_plan_for_an_unsimulated_node_count_is_refused(rows: list[RingRow]) -> None:
     """plan_deployment needs the simulated row of its node count."""
     with pytest.raises(InvalidSimulation, match="no simulated row for 100 nodes"):
-        plan_deployment(rows, MemoryEstimate(1, 1.0, 1.0, 1.0), nodes=100)
+        plan_deployment(rows, MemoryEstimate(1, 1.0, 1.0, 1.0, 1.0), nodes=100)
 
 
 def test_tables_have_a_header_a_rule_and_a_line_per_row(rows: list[RingRow], study: list[BalanceRow]) -> None:
     """format_table, format_balance, format_memory and format_plan render aligned lines, one per row."""
-    memory = MemoryEstimate(10, 1581.0, 8729.0, 115.0)
+    memory = MemoryEstimate(10, 1581.0, 8729.0, 115.0, 11575.0)
     plan = plan_deployment(rows, memory, nodes=10, roots=1_000)
     for text, count, first in (
         (format_table(rows), 2, "nodes"),
         (format_balance(study), 2, "nodes"),
-        (format_memory(memory), 3, "measured"),
+        (format_memory(memory), 4, "measured"),
         (format_plan(plan), 3, "nodes"),
     ):
         lines = text.splitlines()
