@@ -5,8 +5,9 @@ graph's structure *after* the lock (so it is the latest committed one), check th
 the ops, then one statement deletes, upserts, bumps the version, writes the outbox row and NOTIFYs.
 ``load`` reads the version and the nodes (one statement) in a REPEATABLE READ READ ONLY transaction
 (or runs the service's ``loader`` inside it). asyncpg / OS errors become ``StoreUnavailable`` /
-``StoreError`` in ``_seam`` and nowhere else. Every wait is bounded by ``command_timeout``: connecting,
-taking a pooled connection and each statement (asyncpg's own timeouts, cheaper than a cancel scope).
+``StoreError`` in ``_seam`` and nowhere else. Every wait is bounded by ``command_timeout``: connecting
+and each statement (asyncpg's own timeouts, cheaper than a cancel scope per call); waiting for a pooled
+connection is bounded by the statements of its current holder.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ class PostgresStore:
         checked = check_ops(root_id, ops, limit=self._max_data_bytes)
         sql = self._sql
         with self._seam():
-            async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            async with self._pool.acquire() as conn, conn.transaction():
                 current = await conn.fetchval(sql.lock_root, root_id)
                 if current is None:
                     raise RootNotFound(f"root {root_id!r} not found")
@@ -263,7 +264,7 @@ class PostgresStore:
         check_id(root_id, name="root_id")
         with self._seam():
             async with (
-                self._pool.acquire(timeout=self._timeout) as conn,
+                self._pool.acquire() as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 if self._loader is not None:
