@@ -213,17 +213,22 @@ class RedisMembership:
                 if isinstance(self._client_or_url, str):
                     await client.aclose()
                 self._node_id = None
+                self._connected = False
 
     async def _heartbeat_forever(
         self, client: RedisClient, node_id: str, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
         script = client.register_script(_HEARTBEAT_LUA)
         view_known = False
+        next_beat = anyio.current_time()
         while True:
             if await self._beat(script, node_id) and not view_known:
                 view_known = True
                 task_status.started()
-            await anyio.sleep(self._heartbeat)
+            # A fixed rate, so a slow heartbeat does not stretch the gap between two beats past ``ttl``;
+            # after a stall (a blocked loop) start afresh rather than beating in a burst.
+            next_beat = max(next_beat + self._heartbeat, anyio.current_time())
+            await anyio.sleep_until(next_beat)
 
     async def _beat(self, script: AsyncScript, node_id: str) -> bool:
         """One heartbeat; True if it reached Redis. Failures are logged, never raised."""

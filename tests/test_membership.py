@@ -180,7 +180,8 @@ async def test_members_see_each_other_on_a_redis_cluster(redis_cluster: object, 
 
 
 async def test_statistics_and_repr_show_live_state(redis_url: str, namespace: str) -> None:
-    """statistics() counts members and heartbeats; repr names the key, node and connection state."""
+    """statistics() counts members and heartbeats; repr names the key, node and connection state,
+    before, while and after running (the last view is kept)."""
     membership = RedisMembership(redis_url, namespace=namespace, heartbeat=0.1, ttl=1.0)
     assert repr(membership) == (
         f"<RedisMembership key='{namespace}:members' node=None members=0 disconnected heartbeat=0.1 ttl=1.0>"
@@ -192,6 +193,9 @@ async def test_statistics_and_repr_show_live_state(redis_url: str, namespace: st
         assert repr(membership) == (
             f"<RedisMembership key='{namespace}:members' node='a' members=1 connected heartbeat=0.1 ttl=1.0>"
         )
+    assert repr(membership) == (
+        f"<RedisMembership key='{namespace}:members' node=None members=1 disconnected heartbeat=0.1 ttl=1.0>"
+    )
 
 
 async def test_running_one_membership_twice_is_refused(redis_url: str, namespace: str) -> None:
