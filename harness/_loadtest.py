@@ -71,7 +71,7 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
     writer_procs: int = 2
     readers: int = 8
     reader_procs: int = 1
-    read_rate: float = 200.0
+    read_rate: float = 50.0
     rate: float = 0.0
     duration: float = 10.0
     settle: float = 10.0
@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--reader-procs", type=int, default=1, help="reader processes, real servers (default 1)"
     )
-    load.add_argument("--read-rate", type=float, default=200.0, help="reads/s per reader task (0: unpaced)")
+    load.add_argument("--read-rate", type=float, default=50.0, help="reads/s per reader task (default 50)")
     load.add_argument(
         "--rate", type=float, default=0.0, help="updates/s per writer task (default 0: unpaced)"
     )
@@ -337,10 +337,14 @@ async def _serve_nodes(env: _Env, out: Path) -> AsyncIterator[Callable[[], Await
                 tg.start_soon(node.pump)
             await _all_ready(nodes)
 
+            await _until_full_view(nodes)
+
             async def tally() -> Tally:
                 total = Tally()
                 for node in nodes:
-                    total.add(await _scrape_tally(node))
+                    body = await _scrape(node)
+                    (out / f"{node.name}.metrics.txt").write_text(body)
+                    total.add(_tally_from_metrics(body))
                 return total
 
             yield tally
@@ -361,31 +365,48 @@ def _serve_argv(env: _Env, node_id: str) -> list[str]:
 
 
 _METRICS_ADDRESS = re.compile(r"https?://([\w.\-]+):(\d+)")
-_METRIC_LINE = re.compile(r"^(graphcache_\w+?)(?:_total)?(?:\{[^}]*\})? ([0-9.e+\-]+)$", re.MULTILINE)
+_SAMPLE = re.compile(r"^(graphcache_\w+)(\{[^}]*\})? (\S+)$", re.MULTILINE)
 
 
-async def _scrape_tally(node: Child) -> Tally:
-    """Rebuilds and refused puts from a sidecar's Prometheus /metrics."""
+async def _scrape(node: Child) -> str:
+    """A sidecar's Prometheus /metrics page (the address comes from its ready line)."""
     found = _METRICS_ADDRESS.search(node.ready_line)
     if found is None:
         raise RuntimeError(f"{node.name} did not say where its metrics are: {node.ready_line!r}")
     stream = await anyio.connect_tcp(found.group(1), int(found.group(2)))
     async with stream:
         await stream.send(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        body = b"".join([chunk async for chunk in stream]).decode()
-    values: dict[str, float] = {}
-    for name, value in _METRIC_LINE.findall(body):
-        values[name] = values.get(name, 0.0) + float(value)
-    return Tally(
-        rebuilds=int(values.get("graphcache_rebuilds", 0)),
-        refused=int(values.get("graphcache_puts_refused", 0)),
-    )
+        return b"".join([chunk async for chunk in stream]).decode()
+
+
+def _metric(body: str, name: str) -> float:
+    return sum(float(value) for found, _, value in _SAMPLE.findall(body) if found == name)
+
+
+async def _until_full_view(nodes: Sequence[Child], *, patience: float = 30.0) -> None:
+    """Wait until every node's membership view holds all of them, so the load starts on a settled ring
+    (a ring settling mid-run costs duplicate rebuilds during the hand-off, which is not what we measure)."""
+    with anyio.fail_after(patience):
+        for node in nodes:
+            while _metric(await _scrape(node), "graphcache_members") < len(nodes):  # noqa: ASYNC110
+                await anyio.sleep(0.1)  # a remote condition: polled under a deadline
+
+
+def _tally_from_metrics(body: str) -> Tally:
+    tally = Tally()
+    for name, labels, value in _SAMPLE.findall(body):
+        if name == "graphcache_rebuilds_total":
+            tally.rebuilds += int(float(value))
+        elif name == "graphcache_puts_total" and 'result="refused"' in labels:
+            tally.refused += int(float(value))
+    return tally
 
 
 def _fresh_directory(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.jsonl"):
-        stale.unlink()
+    for pattern in ("*.jsonl", "*.log", "*.metrics.txt"):
+        for stale in out.glob(pattern):
+            stale.unlink()
 
 
 def _histories(out: Path) -> list[Path]:
