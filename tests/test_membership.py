@@ -104,6 +104,17 @@ async def test_a_leaving_member_is_dropped_long_before_its_ttl(redis_url: str, n
         assert await view_where(memberships["b"], lambda v: "c" not in v) == {"a", "b"}
 
 
+async def test_the_score_is_the_expiry_by_the_redis_servers_clock(redis_url: str, namespace: str) -> None:
+    """The members set scores each node with the server's TIME of its last heartbeat plus ttl, in ms."""
+    membership = RedisMembership(redis_url, namespace=namespace, heartbeat=0.1, ttl=30.0)
+    async with members_running({"a": membership}), aioredis.Redis.from_url(redis_url) as client:
+        seconds, micros = await client.time()
+        score = await client.zscore(membership.key, "a")
+        assert score is not None
+        assert 0 < score - (seconds * 1000 + micros // 1000) <= 30_000
+        assert 0 < await client.pttl(membership.key) <= 30_000
+
+
 async def test_the_members_key_is_gone_when_everyone_left(redis_url: str, namespace: str) -> None:
     """After every member left, no key of the namespace remains in Redis."""
     memberships = trio(redis_url, namespace, **FAST)
