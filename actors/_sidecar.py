@@ -24,6 +24,7 @@ from cache import CacheError, RedisCache
 from storage import PostgresStore, StoreError
 
 from ._http import serve_http
+from ._keys import graph_key
 from ._membership import Membership, RedisMembership, StaticMembership
 from ._metrics import metrics_registry, render_metrics
 from ._node import Node
@@ -155,6 +156,7 @@ async def _serve(args: argparse.Namespace) -> None:
         store = await PostgresStore.connect(args.postgres, schema=args.schema)
         try:
             async with RedisCache.from_url(args.redis, namespace=args.namespace) as cache:
+                await cache.get(graph_key("-"))  # fail fast (CacheUnavailable, exit 1) if Redis is away
                 await _serve_node(args, store, cache, signals)
         finally:
             with anyio.CancelScope(shield=True):

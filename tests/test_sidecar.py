@@ -104,11 +104,21 @@ async def test_serves_metrics_and_health_and_stops_cleanly(
 
 
 @pytest.mark.anyio
-async def test_unreachable_store_exits_1_with_the_reason(tmp_path: Path) -> None:
-    """With PostgreSQL unreachable, serve exits 1 and says why, without a traceback."""
+@pytest.mark.parametrize(
+    "where",
+    [
+        ["--postgres", "postgresql://postgres@127.0.0.1:1/postgres"],
+        ["--redis", "redis://127.0.0.1:1/0"],
+    ],
+    ids=["postgres", "redis"],
+)
+async def test_unreachable_server_exits_1_with_the_reason(
+    where: list[str], postgres_dsn: str, pg_schema: str
+) -> None:
+    """With PostgreSQL or Redis unreachable, serve exits 1 and names the address, without a traceback."""
     command = [
-        sys.executable, str(ROOT_DIR / "run.py"), "serve", "--membership", "static",
-        "--postgres", "postgresql://postgres@127.0.0.1:1/postgres", "--metrics-port", "0",
+        sys.executable, str(ROOT_DIR / "run.py"), "serve", "--membership", "static", "--metrics-port", "0",
+        "--postgres", postgres_dsn, "--schema", pg_schema, *where,
     ]  # fmt: skip
     result = await anyio.run_process(command, check=False, cwd=ROOT_DIR)
     stderr = result.stderr.decode()
