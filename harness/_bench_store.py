@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--postgres", default=DEFAULT_DSN, metavar="DSN", help="PostgreSQL DSN (default: %(default)s)"
     )
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent tasks (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per round (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=1.5, help="seconds per round (default: %(default)s)")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds per side (default: %(default)s)"
+        "--rounds", type=int, default=5, help="alternating rounds per side (default: %(default)s)"
     )
     parser.add_argument(
         "--feed-rate", type=float, default=500.0, help="commits/s for the feed (default: %(default)s)"
