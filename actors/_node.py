@@ -78,7 +78,18 @@ async def _closing(iterator: AsyncIterator[Any]) -> AsyncIterator[AsyncIterator[
 
 
 class Node:
-    """A member of the cache cluster; use it as ``async with Node(store=..., cache=..., node_id=...)``."""
+    """A member of the cache cluster; use it as ``async with Node(store=..., cache=..., node_id=...)``.
+
+    ``membership`` gives the view the ring is built on (default: this node alone). ``consistency``:
+    "bounded" serves the previous graph until a rebuild lands; "strict" invalidates older versions as
+    soon as a newer one is notified (one cache round trip per new version, in the feed's order).
+    ``idle_timeout``, ``mailbox_size``, ``retry_initial`` and ``retry_max`` configure the actors (the
+    retry settings also pace the feed's reconnects); ``remember_roots`` bounds how many passivated roots'
+    built versions are kept. ``handoff`` (seconds; at least the membership ttl plus a heartbeat) and
+    ``checkpoint_interval`` drive the hand-over described in the module docstring; ``feed_after`` starts
+    the feed after that cursor instead of "now". Leaving ``async with`` gives in-flight rebuilds up to
+    ``shutdown_timeout`` seconds.
+    """
 
     def __init__(
         self,
