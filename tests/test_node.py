@@ -291,6 +291,38 @@ async def test_idle_actors_passivate_after_many_roots(cache: MemoryCache) -> Non
     assert await cached_version(cache, roots[0]) == version
 
 
+async def test_shutdown_lets_an_in_flight_rebuild_finish(store: MemoryStore, cache: MemoryCache) -> None:
+    """Leaving the node waits for a rebuild in flight, which then lands in the cache."""
+    gated = GatedStore(store)
+
+    async def release_once_the_node_waits() -> None:
+        await anyio.wait_all_tasks_blocked()
+        gated.release()
+
+    node = Node(store=gated, cache=cache, node_id="a", shutdown_timeout=60)
+    async with anyio.create_task_group() as tg, node:
+        gated.hold(1)
+        version = await add_child(node, "r", "c")
+        await gated.entered.wait()
+        tg.start_soon(release_once_the_node_waits)
+    assert node.statistics()[2:4] == (0, 0)  # no actor alive, none failing
+    assert await cached_version(cache, "r") == version
+
+
+async def test_shutdown_abandons_a_stuck_rebuild_safely(store: MemoryStore, cache: MemoryCache) -> None:
+    """A rebuild still stuck after shutdown_timeout is cancelled: nothing half-done is cached."""
+    gated = GatedStore(store)
+    async with Node(store=gated, cache=cache, node_id="a", shutdown_timeout=0.01) as node:
+        gated.hold(1)
+        await add_child(node, "r", "c")
+        await gated.entered.wait()
+        actor = node.actor("r")
+    assert actor is not None
+    assert not actor.alive
+    assert node.statistics()[2:4] == (0, 0)
+    assert await cached_version(cache, "r") is None
+
+
 async def test_read_timeout(store: MemoryStore, cache: MemoryCache) -> None:
     """A read that cannot finish in time raises ReadTimeout (also a TimeoutError)."""
     gated = GatedStore(store)
