@@ -321,6 +321,8 @@ async def _embedded_nodes(env: _Env) -> AsyncIterator[Callable[[], Awaitable[Tal
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVE_READY = "ready"
+NODE_HANDOFF = 10.0
+"""Seconds a sidecar keeps serving roots it lost in a view change (``actors.Node(handoff=...)`` default)."""
 """The sidecar prints one line containing this word (and its metrics address) once it serves."""
 
 
@@ -338,6 +340,9 @@ async def _serve_nodes(env: _Env, out: Path) -> AsyncIterator[Callable[[], Await
             await _all_ready(nodes)
 
             await _until_full_view(nodes)
+            # A node that lost roots to a joiner keeps rebuilding them for the hand-off window (actors.Node's
+            # ``handoff``): a start-up transient of duplicate rebuilds. Measure the steady state after it.
+            await anyio.sleep(NODE_HANDOFF)
 
             async def tally() -> Tally:
                 total = Tally()
