@@ -154,8 +154,9 @@ async def test_three_sidecars_keep_g1_g3_and_survive_a_sigkill(
                 before = dict(committed)
                 # Kill mid-load: once the second phase shows in the cache (another process's doing,
                 # so there is no event to wait on).
-                while await cached_versions(cache) == before:  # noqa: ASYNC110
-                    await anyio.sleep(0.01)
+                with anyio.fail_after(20):
+                    while await cached_versions(cache) == before:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
                 assert await victim.stop(signal.SIGKILL) == -signal.SIGKILL
             await wait_members(survivors, 2, within=15)
             cached, committed = await converge(cache, store, within=20)
