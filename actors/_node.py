@@ -535,10 +535,17 @@ class Node:
         return cursor
 
     async def _route(self, change: Change) -> None:
-        if not self.owns(change.root_id):
+        try:
+            root_id = check_root_id(change.root_id)
+            check_version(change.version)
+        except InvalidArgument as exc:  # e.g. a custom schema's trigger wrote an unusable root id
+            self._ignored += 1
+            logger.error("node %s: ignoring a malformed change %r: %s", self.node_id, change, exc)
+            return
+        if not self.owns(root_id):
             self._ignored += 1
             return
-        await self._notify(change.root_id, Changed(change.root_id, change.version, change.committed_at))
+        await self._notify(root_id, Changed(root_id, change.version, change.committed_at))
 
     def _checkpoint(self, cursor: int | None) -> None:
         """Remember that every change from now on comes after ``cursor``; keep ``handoff`` seconds' worth."""

@@ -152,3 +152,22 @@ class CursorStore(WrappedStore):
     async def cursor(self) -> int:
         await self._on_cursor()
         return self._cursor
+
+
+class BogusChangeStore(WrappedStore):
+    """Its feed delivers ``bogus`` first (a change no real root has), then the real changes."""
+
+    def __init__(self, inner: GraphStore, bogus: Change) -> None:
+        super().__init__(inner)
+        self.bogus = bogus
+
+    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
+        return self._prepend(self.inner.changes(after=after))
+
+    async def _prepend(self, feed: AsyncIterator[Change]) -> AsyncIterator[Change]:
+        try:
+            yield self.bogus
+            async for change in feed:
+                yield change
+        finally:
+            await feed.aclose()  # type: ignore[attr-defined]

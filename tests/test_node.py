@@ -21,8 +21,15 @@ from actors import (
     graph_key,
 )
 from cache import MemoryCache
-from storage import Graph, MemoryStore, Upsert
-from tests._actor_fakes import BrokenFeedStore, CursorStore, FlakyStore, GatedStore, ManualMembership
+from storage import Change, Graph, MemoryStore, Upsert
+from tests._actor_fakes import (
+    BogusChangeStore,
+    BrokenFeedStore,
+    CursorStore,
+    FlakyStore,
+    GatedStore,
+    ManualMembership,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -266,6 +273,19 @@ async def test_a_failed_feed_resumes_from_its_last_cursor(cache: MemoryCache) ->
     assert cached == versions
     assert broken.opened_after == [None, 13]  # 10 creates, then the third change after the start
     assert (stats.notifications, stats.rebuilds) == (10, 10)
+
+
+@pytest.mark.parametrize("bogus", [Change("", 2, 0), Change("r", -1, 0)], ids=["empty-root", "negative"])
+async def test_a_malformed_change_is_ignored_and_the_feed_goes_on(
+    store: MemoryStore, cache: MemoryCache, bogus: Change
+) -> None:
+    """A change with an unusable root id or version is logged and skipped; later ones are still routed."""
+    async with Node(store=BogusChangeStore(store, bogus), cache=cache, node_id="a") as node:
+        version = await add_child(store, "r", "c")
+        await anyio.wait_all_tasks_blocked()
+        stats = node.statistics()
+    assert (stats.ignored, stats.notifications, stats.rebuilds) == (1, 1, 1)
+    assert await cached_version(cache, "r") == version
 
 
 async def test_idle_actors_passivate_after_many_roots(cache: MemoryCache) -> None:
