@@ -115,6 +115,8 @@ class Ring:
 
     def owner(self, root_id: str) -> str:
         """The node that owns ``root_id``; `EmptyRing` if the ring has no nodes."""
+        if not isinstance(root_id, str):
+            raise InvalidArgument(f"a root id must be a str, got {root_id!r}")
         if not self._names:
             raise EmptyRing(f"no node owns {root_id!r}: the ring is empty")
         points = self._points

@@ -124,6 +124,14 @@ def test_an_empty_ring_has_no_owner() -> None:
     assert not ring.owns("a", "root")
 
 
+@pytest.mark.parametrize("bad", [7, None, b"root"])
+def test_a_root_id_that_is_not_a_str_is_refused(bad: object) -> None:
+    """owner() of a non-str root id raises InvalidArgument (a ValueError), on full and empty rings."""
+    for ring in (Ring(["a", "b"]), Ring([])):
+        with pytest.raises(InvalidArgument, match="root id must be a str"):
+            ring.owner(bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("bad", ["", 7, None, b"a"])
 def test_a_bad_node_id_is_refused(bad: object) -> None:
     """A node id that is not a non-empty str raises InvalidNodeId (an InvalidArgument, a ValueError)."""
