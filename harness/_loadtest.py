@@ -42,6 +42,7 @@ from ._report import StrategyResult, format_table, write_chart, write_json
 from ._simulate import main as simulate_main
 from ._strategies import NAMES, STRATEGIES, Tally
 from ._workload import (
+    DEFAULT_CHILDREN,
     Dist,
     Lane,
     RootPicker,
@@ -65,6 +66,7 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Everything that defines a run; the same config and seed give every strategy the same workload."""
 
     roots: int = 8
+    children: int = DEFAULT_CHILDREN
     dist: Dist = "zipf"
     zipf_s: float = 1.1
     writers: int = 64
@@ -99,6 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     load = parser.add_argument_group("workload")
     load.add_argument("--roots", type=int, default=8, help="number of roots (default 8)")
+    load.add_argument(
+        "--children", type=int, default=DEFAULT_CHILDREN,
+        help=f"children per root graph; each write rewrites one (default {DEFAULT_CHILDREN})",
+    )  # fmt: skip
     load.add_argument(
         "--dist", choices=("uniform", "zipf"), default="zipf", help="root popularity (default zipf)"
     )
@@ -147,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     """The run's config; raises ``ValueError`` for inconsistent flags before anything starts."""
     if (args.redis is None) != (args.postgres is None):
         raise ValueError("--redis and --postgres go together (or neither, for the embedded run)")
-    for name in ("roots", "writers", "writer_procs", "readers", "reader_procs", "nodes"):
+    for name in ("roots", "children", "writers", "writer_procs", "readers", "reader_procs", "nodes"):
         if getattr(args, name) < (0 if name == "readers" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if (
@@ -156,7 +162,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     ):
         raise ValueError("--duration must be > 0; --settle, --rate, --read-rate and latencies must be >= 0")
     return LoadConfig(
-        roots=args.roots, dist=args.dist, zipf_s=args.zipf_s, writers=args.writers,
+        roots=args.roots, children=args.children, dist=args.dist, zipf_s=args.zipf_s, writers=args.writers,
         writer_procs=min(args.writer_procs, args.writers), readers=args.readers,
         reader_procs=max(1, min(args.reader_procs, args.readers)), read_rate=args.read_rate, rate=args.rate,
         duration=args.duration, settle=args.settle, seed=args.seed, nodes=args.nodes,
@@ -261,7 +267,7 @@ async def run_strategy(
     cpu_before = _cpu_seconds()
     async with _environment(config) as env:
         with HistoryWriter(out / "main.jsonl") as main:
-            await create_roots(env.store, roots, main)
+            await create_roots(env.store, roots, main, children=config.children)
             async with node_fleet(env, name, out) as node_tally:
                 tally, seconds = await _load(env, name, out, interrupt)
                 await settle(env.store, env.cache, roots, main, patience=config.settle)
@@ -504,8 +510,9 @@ async def _load_embedded(env: _Env, name: str, out: Path, interrupt: Stopper) ->
             async with anyio.create_task_group() as writers:
                 for i in range(config.writers):
                     lane = Lane(
-                        f"writer-{i}", i, picker(config, "writer", i), history, writers_stop, config.rate
-                    )
+                        f"writer-{i}", i, picker(config, "writer", i), history, writers_stop, config.rate,
+                        children=config.children,
+                    )  # fmt: skip
                     writers.start_soon(write_loop, lane, env.store, env.cache, STRATEGIES[name], tally)
                 await Progress(name, config, lambda: tally.updates).run(interrupt)
                 writers_stop.stop()
@@ -631,7 +638,8 @@ def _worker(role: str, env: _Env, name: str, out: Path, index: int) -> list[str]
     options: dict[str, object] = {
         "redis": config.redis, "postgres": config.postgres, "namespace": env.namespace, "schema": env.schema,
         "strategy": name, "first": first, "tasks": count, "roots": config.roots, "dist": config.dist,
-        "zipf_s": config.zipf_s, "seed": config.seed, "duration": config.duration,
+        "zipf_s": config.zipf_s, "children": config.children, "seed": config.seed,
+        "duration": config.duration,
         "rate": config.rate if role == "writer" else config.read_rate,
         "history": out / f"{role}s-{index}.jsonl",
     }  # fmt: skip

@@ -34,7 +34,7 @@ from storage import GraphStore, PostgresStore
 
 from ._history import HistoryWriter
 from ._strategies import NAMES, STRATEGIES, Tally
-from ._workload import Lane, RootPicker, Stopper, read_loop, root_ids, write_loop
+from ._workload import DEFAULT_CHILDREN, Lane, RootPicker, Stopper, read_loop, root_ids, write_loop
 
 __all__ = ("Child", "open_cache", "open_store", "picker_for", "spawn", "worker_argv")
 
@@ -78,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first", type=int, default=0, help="number of this process's first task")
     parser.add_argument("--tasks", type=int, default=1)
     parser.add_argument("--roots", type=int, required=True)
+    parser.add_argument("--children", type=int, default=DEFAULT_CHILDREN)
     parser.add_argument("--dist", choices=("uniform", "zipf"), default="zipf")
     parser.add_argument("--zipf-s", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=1)
@@ -141,7 +142,13 @@ def _lanes(args: argparse.Namespace, history: HistoryWriter, stopper: Stopper) -
     roots = root_ids(args.roots)
     return [
         Lane(
-            f"{args.role}-{task}", task, picker_for(roots, args, args.role, task), history, stopper, args.rate
+            f"{args.role}-{task}",
+            task,
+            picker_for(roots, args, args.role, task),
+            history,
+            stopper,
+            args.rate,
+            children=args.children,
         )
         for task in range(args.first, args.first + args.tasks)
     ]

@@ -47,8 +47,8 @@ __all__ = (
 logger = logging.getLogger(__name__)
 
 Dist = Literal["uniform", "zipf"]
-CHILDREN_PER_ROOT = 4
-"""Writes spread over this many children per root, so graphs stay small and rebuilds cheap."""
+DEFAULT_CHILDREN = 4
+"""Children per root: created at setup, then each write rewrites one of them."""
 
 
 def root_ids(count: int) -> list[str]:
@@ -86,9 +86,14 @@ def initial_graph(root_id: str) -> Graph:
     return Graph(root_id, 1, {root_id: Node(root_id, None, initial_data(root_id), 1)})
 
 
-def write_ops(root_id: str, writer: int, seq: int) -> list[Op]:
+def initial_children(root_id: str, children: int) -> list[Op]:
+    """The setup transaction that gives a root its ``children`` children (version 2)."""
+    return [Upsert(f"{root_id}/c{i}", root_id, {"i": i}) for i in range(children)]
+
+
+def write_ops(root_id: str, writer: int, seq: int, children: int = DEFAULT_CHILDREN) -> list[Op]:
     """The one deterministic change writer ``writer`` makes in its ``seq``-th transaction."""
-    child = f"{root_id}/c{(writer + seq) % CHILDREN_PER_ROOT}"
+    child = f"{root_id}/c{(writer + seq) % children}"
     return [Upsert(child, root_id, {"w": writer, "s": seq})]
 
 
@@ -97,9 +102,10 @@ def _now() -> float:
 
 
 async def create_roots(
-    store: GraphStore, roots: Sequence[str], history: HistoryWriter, *, limit: int = 16
+    store: GraphStore, roots: Sequence[str], history: HistoryWriter, *, children: int = 0, limit: int = 16
 ) -> None:
-    """Create every root at version 1, recording a ``create`` event (ops and hash) for the checker."""
+    """Create every root at version 1 (then give it ``children`` children at version 2), recording each
+    step (ops, and the initial hash) for the checker."""
     pending = iter(roots)
 
     async def creator() -> None:
@@ -111,6 +117,8 @@ async def create_roots(
             history.record(
                 Event("setup", "ok", "create", root_id, _now(), version=version, hash=digest, ops=ops)
             )
+            if children > 0:
+                await _write("setup", history, store, root_id, initial_children(root_id, children))
 
     async with anyio.create_task_group() as tg:
         for _ in range(min(limit, len(roots))):
@@ -141,6 +149,7 @@ class Lane:
     history: HistoryWriter
     stopper: Stopper
     rate: float = 0.0
+    children: int = DEFAULT_CHILDREN
 
 
 class _Pacer:
@@ -167,27 +176,30 @@ async def write_loop(
         if lane.stopper.stopped:
             return
         root_id = lane.picker.pick()
-        version = await _write(lane, store, root_id, write_ops(root_id, lane.index, seq))
+        ops = write_ops(root_id, lane.index, seq, lane.children)
+        version = await _write(lane.process, lane.history, store, root_id, ops)
         if version is not None:
             tally.updates += 1
             await _maintain(strategy, store, cache, root_id, version=version, tally=tally)
         await pacer.wait()
 
 
-async def _write(lane: Lane, store: GraphStore, root_id: str, ops: list[Op]) -> int | None:
-    lane.history.record(Event(lane.process, "invoke", "write", root_id, _now()))
+async def _write(
+    process: str, history: HistoryWriter, store: GraphStore, root_id: str, ops: list[Op]
+) -> int | None:
+    history.record(Event(process, "invoke", "write", root_id, _now()))
     try:
         version = await store.apply(root_id, ops)
     except ConcurrencyConflict:
-        lane.history.record(Event(lane.process, "fail", "write", root_id, _now()))
+        history.record(Event(process, "fail", "write", root_id, _now()))
         return None
     except StoreError as exc:
         # Outcome unknown (e.g. the connection dropped after sending): the checker will not judge the gap.
         logger.warning("write to %s failed: %r", root_id, exc)
-        lane.history.record(Event(lane.process, "info", "write", root_id, _now()))
+        history.record(Event(process, "info", "write", root_id, _now()))
         return None
     builtins = msgspec.to_builtins(ops)
-    lane.history.record(Event(lane.process, "ok", "write", root_id, _now(), version=version, ops=builtins))
+    history.record(Event(process, "ok", "write", root_id, _now(), version=version, ops=builtins))
     return version
 
 

@@ -92,7 +92,7 @@ def test_same_seed_same_workload(tmp_path: Path) -> None:
     def first_roots(out: Path) -> dict[str, str]:
         firsts: dict[str, str] = {}
         for e in read_history(*sorted(out.glob("*/*.jsonl"))):
-            if e.op == "write" and e.type == "invoke":
+            if e.op == "write" and e.type == "invoke" and e.process.startswith("writer-"):
                 firsts.setdefault(e.process, e.root)
         return firsts
 
