@@ -162,13 +162,14 @@ SELECT count(*) AS created, pg_notify($3, '') FROM made"""
             f" LEFT JOIN {s}.nodes AS n ON n.root_id = r.root_id WHERE r.root_id = $1"
         )
         self.poll = f"""
-SELECT snap.xmin, snap.xmax, snap.xip, o.root_id, o.version, o.committed_at
-FROM (
+WITH snap AS MATERIALIZED (  -- once, not once per row
     SELECT pg_snapshot_xmin(c)::text::bigint AS xmin,
            pg_snapshot_xmax(c)::text::bigint AS xmax,
            ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(c) AS x) AS xip
     FROM pg_current_snapshot() AS c
-) AS snap
+)
+SELECT snap.xmin, snap.xmax, snap.xip, o.root_id, o.version, o.committed_at
+FROM snap
 LEFT JOIN {s}.outbox AS o ON o.xid >= $1 OR o.xid = ANY($2::bigint[])
 ORDER BY o.xid, o.id"""
         self.watermark = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
