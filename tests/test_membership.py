@@ -140,6 +140,34 @@ async def test_a_crashed_member_drops_out_after_its_ttl(redis_url: str, namespac
             assert await view_where(membership, lambda v: "c" not in v) == {"a", "b"}
 
 
+async def test_members_joining_and_leaving_concurrently_converge(redis_url: str, namespace: str) -> None:
+    """Eight in-process members and two member processes, all joining at once, see all ten; after
+    four leave and both processes are killed at once, the four that stay see exactly themselves."""
+    names = [f"m{index}" for index in range(8)]
+    memberships = {name: RedisMembership(redis_url, namespace=namespace, **FAST) for name in names}
+    scopes = {name: anyio.CancelScope() for name in names}
+    everyone = {*names, "p0", "p1"}
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            tg.start_soon(_run_member, memberships[name], name, scopes[name])
+        command = [sys.executable, "-c", CRASHING_MEMBER, redis_url, namespace]
+        async with (
+            await anyio.open_process([*command, "p0"], cwd=REPO) as p0,
+            await anyio.open_process([*command, "p1"], cwd=REPO) as p1,
+        ):
+            for membership in memberships.values():
+                assert await view_where(membership, lambda v: v == everyone) == everyone
+            for process in (p0, p1):
+                process.kill()
+            for name in names[4:]:
+                scopes[name].cancel()
+            for process in (p0, p1):
+                await process.wait()
+        for name in names[:4]:
+            assert await view_where(memberships[name], lambda v: v == set(names[:4])) == set(names[:4])
+        tg.cancel_scope.cancel()
+
+
 async def test_an_outage_keeps_the_last_view_and_heartbeats_resume(private_redis: PrivateRedis) -> None:
     """While Redis is down members keep their view and keep running; afterwards they re-register."""
     memberships = {node: RedisMembership(private_redis.url, namespace="gc", **FAST) for node in ("a", "b")}
