@@ -1,7 +1,8 @@
 """A minimal HTTP/1.1 server on anyio for the sidecar's ``/metrics`` and ``/healthz``.
 
 GET (and HEAD) of a route runs its handler, which returns ``(status, content type, body)``; any other
-path is 404, any other method 405, a malformed, oversized or too slow request head 400 or 408. One
+path is 404, any other method 405; a malformed request line is 400, a head over 8 KiB 431, a head not
+complete within ``head_timeout`` 408, and a handler that raises 500 (logged). One
 request per connection (``Connection: close``): scrapers and health probes need nothing more, and
 no connection can pin the server. Request bodies are not read.
 """
@@ -135,6 +136,8 @@ async def serve_http(
     has not sent a whole request head within ``head_timeout`` seconds gets 408."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise InvalidPort(f"port must be an int in 0..65535, got {port!r}")
+    if isinstance(head_timeout, bool) or not isinstance(head_timeout, int | float) or not head_timeout > 0:
+        raise InvalidArgument(f"head_timeout must be a positive number of seconds, got {head_timeout!r}")
     routes = dict(routes)
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     async with listener:

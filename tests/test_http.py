@@ -10,6 +10,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from actors import InvalidArgument
 from actors._http import InvalidPort, Route, serve_http
 
 pytestmark = pytest.mark.anyio
@@ -202,3 +203,10 @@ async def test_a_bad_port_is_refused_before_binding(port: object) -> None:
     with pytest.raises(InvalidPort) as info:
         await serve_http("127.0.0.1", port, ROUTES)  # type: ignore[arg-type]
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("head_timeout", [0, -1.0, True, "10"])
+async def test_a_bad_head_timeout_is_refused_before_binding(head_timeout: object) -> None:
+    """head_timeout must be a positive number of seconds; else InvalidArgument, a ValueError."""
+    with pytest.raises(InvalidArgument, match="head_timeout"):
+        await serve_http("127.0.0.1", 0, ROUTES, head_timeout=head_timeout)  # type: ignore[arg-type]
