@@ -31,6 +31,7 @@ from ._validate import (
     check_expected,
     check_id,
     check_ops,
+    check_positive_int,
     plan_apply,
 )
 
@@ -75,6 +76,8 @@ class MemoryStore:
         feed_retention: int = 100_000,
     ) -> None:
         self._latency = _check_latency(latency)
+        check_positive_int(max_data_bytes, name="max_data_bytes")
+        check_positive_int(feed_retention, name="feed_retention")
         self._random = random.Random(seed)
         self._max_data_bytes = max_data_bytes
         self._roots: dict[str, _Root] = {}

@@ -42,6 +42,7 @@ from ._validate import (
     check_expected,
     check_id,
     check_ops,
+    check_positive_int,
     plan_apply,
 )
 
@@ -81,12 +82,19 @@ async def _init_connection(conn: Any) -> None:
 
 
 def _address(dsn: str) -> str:
-    parts = urlsplit(dsn)
+    """``host:port`` of a ``postgresql://`` DSN, for messages; a DSN that does not parse is bad input."""
+    if not isinstance(dsn, str):
+        raise InvalidOperation(f"a DSN must be a str, not {type(dsn).__name__}")
     try:
-        port = parts.port or 5432
-    except ValueError:
-        port = 5432
-    return f"{parts.hostname or 'localhost'}:{port}"
+        parts = urlsplit(dsn)
+    except ValueError as exc:
+        raise InvalidOperation(f"not a PostgreSQL DSN: {dsn!r} ({exc})") from exc
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise InvalidOperation(f"a DSN must start with postgresql:// or postgres://, got {dsn!r}")
+    try:
+        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    except ValueError:  # several hosts ("h1:5432,h2:5433"): name them all
+        return parts.netloc.rpartition("@")[2]
 
 
 def _check_seconds(value: object, name: str) -> float:
@@ -107,6 +115,8 @@ def _seam(address: str) -> Iterator[None]:
         yield
     except StoreError:
         raise
+    except asyncpg.exceptions.ClientConfigurationError as exc:  # before I/O: bad options, not an outage
+        raise InvalidOperation(f"PostgreSQL client configuration for {address}: {exc}") from exc
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(
             f"PostgreSQL at {address} is unavailable: {type(exc).__name__}: {exc}"
@@ -164,12 +174,13 @@ class PostgresStore:
         outbox rows older than ``retention`` seconds are pruned by running feeds.
         """
         sql = Sql(schema)
+        address = _address(dsn)
         poll_interval = _check_seconds(poll_interval, "poll_interval")
         retention = _check_seconds(retention, "retention")
         timeout = _check_seconds(command_timeout, "command_timeout")
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise InvalidOperation(f"pool_size must be an int >= 1, got {pool_size!r}")
-        with _seam(_address(dsn)):
+        check_positive_int(pool_size, name="pool_size")
+        check_positive_int(max_data_bytes, name="max_data_bytes")
+        with _seam(address):
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=1,

@@ -29,6 +29,7 @@ __all__ = (
     "check_expected",
     "check_id",
     "check_ops",
+    "check_positive_int",
     "plan_apply",
 )
 
@@ -84,6 +85,13 @@ def check_id(value: object, *, name: str = "id") -> str:
         raise InvalidOperation(f"{name} is not valid unicode: {exc}") from exc
     if size > MAX_ID_BYTES:
         raise InvalidOperation(f"{name} is {size} UTF-8 bytes, the limit is {MAX_ID_BYTES}")
+    return value
+
+
+def check_positive_int(value: object, *, name: str) -> int:
+    """Return ``value`` if it is an int (not bool) >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOperation(f"{name} must be an int >= 1, got {value!r}")
     return value
 
 

@@ -6,11 +6,12 @@ import logging
 import socket
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
 
-from storage import PostgresStore, StoreUnavailable, Upsert
+from storage import InvalidOperation, PostgresStore, StoreUnavailable, Upsert
 from tests._pg_servers import PrivatePostgres
 from tests.test_store_contract import collect_until
 
@@ -104,3 +105,25 @@ async def test_the_feed_resumes_without_loss_after_a_restart(private_postgres: P
     assert dict(got) == {"a": [1, 2, 3, 4], "b": [1, 2, 3]}
     assert statistics.failed >= 1
     assert statistics.connects >= 2
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"dsn": "nonsense"},
+        {"dsn": "postgresql://[bad"},
+        {"dsn": 5},
+        {"schema": "bad-name"},
+        {"schema": 'x"; DROP SCHEMA public; --'},
+        {"poll_interval": 0},
+        {"retention": float("nan")},
+        {"command_timeout": -1},
+        {"pool_size": 0},
+        {"max_data_bytes": True},
+    ],
+)
+async def test_bad_connect_options_raise_invalid_operation_before_any_io(options: dict[str, object]) -> None:
+    """A malformed DSN, schema name or option is InvalidOperation, without touching a server."""
+    arguments: dict[str, Any] = {"dsn": "postgresql://postgres@127.0.0.1:1/postgres", **options}
+    with pytest.raises(InvalidOperation):
+        await PostgresStore.connect(**arguments)
