@@ -96,12 +96,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message (and the exception, if any)."""
+    """One JSON object per record: time, level, node, logger, message (and the exception, if any)."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self._node_id = node_id
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": self.formatTime(record),
             "level": record.levelname,
+            "node": self._node_id,
             "logger": record.name,
             "message": record.getMessage(),
         }
@@ -110,10 +115,10 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _configure_logging(level: str, fmt: str) -> None:
+def _configure_logging(level: str, fmt: str, node_id: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(_JsonFormatter(node_id))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
@@ -121,7 +126,7 @@ def _configure_logging(level: str, fmt: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean stop, 1 if the store or cache cannot be reached."""
-    _configure_logging(args.log_level, args.log_format)
+    _configure_logging(args.log_level, args.log_format, args.node_id)
     try:
         anyio.run(_serve, args)
     except (StoreError, CacheError) as exc:

@@ -99,7 +99,10 @@ async def test_serves_metrics_and_health_and_stops_cleanly(
     assert health == "ok\n"
     assert code == 0
     log = (tmp_path / "solo.log").read_text()
-    assert '"message": "node solo: SIGTERM received, stopping"' in log
+    assert (
+        '"node": "solo", "logger": "actors._sidecar", "message": "node solo: SIGTERM received, stopping"'
+        in log
+    )
     assert "node solo stopped" in log
 
 
