@@ -81,6 +81,13 @@ async def _init_connection(conn: Any) -> None:
     )
 
 
+async def _keep_session(conn: Any) -> None:
+    """Pool reset on release: nothing to send. The store leaves no session state behind (transactions
+    end, advisory locks are transaction-scoped, LISTEN happens on the feeds' own connections), so
+    asyncpg's default reset query would be one more round trip per call for nothing. A ``loader`` must
+    not leave session state either (``SET LOCAL``, not ``SET``)."""
+
+
 def _address(dsn: str) -> str:
     """``host:port`` of a ``postgresql://`` DSN, for messages; a DSN that does not parse is bad input."""
     if not isinstance(dsn, str):
@@ -186,6 +193,7 @@ class PostgresStore:
                 min_size=1,
                 max_size=pool_size,
                 init=_init_connection,
+                reset=_keep_session,
                 timeout=timeout,  # connecting
                 command_timeout=timeout,  # every statement
             )
