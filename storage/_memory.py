@@ -194,6 +194,9 @@ class MemoryStore:
     def _publish(self, root_id: str, version: int) -> None:
         self._last_cursor += 1
         self._log.append(Change(root_id, version, self._last_cursor, time.time()))
+        self._wake_feeds()
+
+    def _wake_feeds(self) -> None:
         appended, self._appended = self._appended, anyio.Event()
         appended.set()
 
@@ -236,6 +239,7 @@ class _MemoryFeed:
     async def aclose(self) -> None:
         self._closed = True
         self._store._feeds.discard(self)
+        self._store._wake_feeds()  # a task waiting in __anext__ sees the close (others just wait again)
 
     async def __aenter__(self) -> Self:
         return self

@@ -172,3 +172,21 @@ async def test_feed_skips_superseded_versions_and_tracks_the_snapshot() -> None:
     assert got == [("a", 5, 90), ("b", 1, 90), ("a", 6, 100), ("b", 2, 103)]
     assert store.asked == [(90, []), (105, [100, 103]), (110, [103])]
     assert feed.statistics().superseded == 2
+
+
+async def test_closing_a_memory_feed_ends_a_waiting_consumer() -> None:
+    """aclose() from another task ends an iteration that is waiting for the next change."""
+    store = MemoryStore()
+    feed = store.changes()
+    received: list[object] = []
+
+    async def consume() -> None:
+        received.extend([change async for change in feed])
+
+    with anyio.fail_after(10):  # a hang guard
+        async with anyio.create_task_group() as group:
+            group.start_soon(consume)
+            await anyio.wait_all_tasks_blocked()
+            await feed.aclose()
+    assert received == []
+    await store.aclose()
