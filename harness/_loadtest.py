@@ -4,11 +4,13 @@ Embedded (default): a MemoryStore with simulated I/O latency and a MemoryCache, 
 the actor strategy) Nodes as tasks of this one process. Real servers (``--redis URL --postgres DSN``):
 writer and reader processes (``python -m harness._procs``) and, for the actor strategy, ``python run.py
 serve`` node processes, each strategy in a fresh Redis namespace and PostgreSQL schema (removed afterwards).
+The actor load starts once every sidecar sees all members and their hand-off window has passed.
 
 After the writers stop, the run settles: it records each root's committed version (``final``), waits until
 the cache shows it (or ``--settle`` seconds pass), then records one last read per root. The checker then
 judges the merged histories: G1 regressions, G2 torn graphs, G3 stale roots, commit-to-visible lag.
-Ctrl-C stops the run cleanly and reports what was measured so far.
+Ctrl-C stops the run cleanly and reports what was measured so far. Exit code 1 if graphcache (``actor``)
+violated G1-G3, 2 on bad flags.
 """
 
 from __future__ import annotations

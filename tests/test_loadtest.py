@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from harness import StrategyResult, _loadtest, read_history
-from harness._loadtest import LoadConfig, run_compare
+from harness._loadtest import LoadConfig, _tally_from_metrics, run_compare
 from harness._strategies import NAMES
 
 
@@ -160,3 +160,21 @@ def test_simulate_ring_refuses_a_bad_list(capsys: pytest.CaptureFixture[str]) ->
     """A node list that is not integers >= 2 exits 2 with the reason."""
     assert loadtest(["--simulate-ring", "3,x"]) == 2
     assert "comma list of node counts" in capsys.readouterr().out
+
+
+def test_sidecar_counts_are_read_from_prometheus_text() -> None:
+    """Rebuilds and refused puts come from the sidecar's /metrics families, summed over label sets."""
+    page = "\n".join(
+        [
+            "HTTP/1.1 200 OK",
+            "",
+            "# HELP graphcache_rebuilds_total Rebuilds.",
+            'graphcache_rebuilds_total{node="node-0"} 736.0',
+            'graphcache_rebuild_failures_total{node="node-0"} 9.0',
+            'graphcache_puts_total{node="node-0",result="stored"} 586.0',
+            'graphcache_puts_total{node="node-0",result="refused"} 150.0',
+            'graphcache_rebuild_seconds_count{node="node-0"} 736.0',
+        ]
+    )
+    tally = _tally_from_metrics(page)
+    assert (tally.rebuilds, tally.refused, tally.updates) == (736, 150, 0)
