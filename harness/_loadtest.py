@@ -266,10 +266,10 @@ async def run_strategy(
     interrupt = interrupt or Stopper()
     _fresh_directory(out)
     roots = root_ids(config.roots)
-    cpu_before = _cpu_seconds()
     async with _environment(config) as env:
         with HistoryWriter(out / "main.jsonl") as main:
             await create_roots(env.store, roots, main, children=config.children)
+            cpu_before = _cpu_seconds()  # from here: nodes, load, settle (not creating the roots)
             async with node_fleet(env, name, out) as node_tally:
                 tally, seconds = await _load(env, name, out, interrupt)
                 await settle(env.store, env.cache, roots, main, patience=config.settle)
