@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("harness._demo", "embedded demo: a naive re-cache vs graphcache, side by side (no servers needed)"),
+    "demo": ("harness._demo", "a naive re-cache vs graphcache side by side (embedded, no servers needed)"),
     "serve": ("actors._sidecar", "the sidecar: one node with Prometheus /metrics and a health check"),
     "loadtest": ("harness._loadtest", "load test in separate processes, strategies side by side, checked"),
     "check": ("harness._check_cli", "run the consistency checker on a recorded history (JSON lines)"),
@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        cmd = sub.add_parser(name, help=help_text, description=module.__doc__)
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(cmd)
         cmd.set_defaults(_module=module)
     return parser

@@ -1,7 +1,7 @@
 """Micro-benchmarks, each against the raw client library in the same run.
 
-  bench cache   put_if_newer vs raw SET, get vs raw GET/HGET (redis-py), same Redis, same concurrency
-  bench store   apply vs the same transaction in raw asyncpg, load of a 50-node graph, feed latency
+bench cache   put_if_newer vs raw SET, get vs raw GET/HGET (redis-py), same Redis, same concurrency
+bench store   apply vs the same transaction in raw asyncpg, load of a 50-node graph, feed latency
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
     for name, module_name in _TARGETS.items():
         module = importlib.import_module(module_name)
-        cmd = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0], description=module.__doc__)
+        cmd = sub.add_parser(
+            name, help=(module.__doc__ or "").strip().splitlines()[0], description=module.__doc__
+        )
         module.add_arguments(cmd)
         cmd.set_defaults(_bench=module)
 

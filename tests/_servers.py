@@ -26,7 +26,10 @@ def postgres_bin_dir() -> str:
     initdb = shutil.which("initdb")
     if initdb is not None and shutil.which("postgres"):
         return initdb.rsplit("/", 1)[0]
-    pytest.fail(f"PostgreSQL server binaries (initdb, postgres) not found: install {POSTGRES_PACKAGE}", pytrace=False)
+    pytest.fail(
+        f"PostgreSQL server binaries (initdb, postgres) not found: install {POSTGRES_PACKAGE}",
+        pytrace=False,
+    )
 
 
 def require_binaries() -> None:

@@ -6,10 +6,12 @@ starts a private one (see ``tests/_redis_servers.py`` and ``tests/_pg_servers.py
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Iterator
 
+import asyncpg
 import pytest
 
 from tests._pg_servers import *  # noqa: F403  (fixtures)
@@ -58,10 +60,6 @@ def pg_schema(postgres_dsn: str) -> Iterator[str]:
 
 
 def _drop_schema(dsn: str, schema: str) -> None:
-    import asyncio
-
-    import asyncpg
-
     async def drop() -> None:
         conn = await asyncpg.connect(dsn)
         try:
@@ -70,4 +68,3 @@ def _drop_schema(dsn: str, schema: str) -> None:
             await conn.close()
 
     asyncio.run(drop())
-
