@@ -222,7 +222,13 @@ class RedisMembership:
         view_known = False
         next_beat = anyio.current_time()
         while True:
-            if await self._beat(script, node_id) and not view_known:
+            reached = await self._beat(script, node_id)
+            if not view_known:
+                # Redis down at start: begin alone rather than hang the node's startup. Owning every
+                # root is safe (versioned puts decide, placement only buys speed); the shared view is
+                # merged in at the first heartbeat that reaches Redis.
+                if not reached:
+                    self._broadcast.publish(frozenset({node_id}))
                 view_known = True
                 task_status.started()
             # A fixed rate, so a slow heartbeat does not stretch the gap between two beats past ``ttl``;

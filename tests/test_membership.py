@@ -196,15 +196,18 @@ async def test_an_outage_keeps_the_last_view_and_heartbeats_resume(private_redis
 async def test_a_member_started_while_redis_is_down_joins_when_it_returns(
     private_redis: PrivateRedis,
 ) -> None:
-    """run() retries the first heartbeat until Redis answers, and only then reports started."""
+    """run() starts at once with a view of itself alone while Redis is down, and joins when it returns."""
     await anyio.to_thread.run_sync(private_redis.stop)
     membership = RedisMembership(private_redis.url, namespace="gc", **FAST)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(membership.run, "a")
+        await tg.start(membership.run, "a")
+        assert membership.members() == frozenset({"a"})
+        assert membership.statistics().connected is False
         await until(lambda: membership.statistics().failures >= 2)
-        assert membership.members() == frozenset()
         await anyio.to_thread.run_sync(private_redis.start)
-        assert await view_where(membership, bool) == {"a"}
+        await until(lambda: membership.statistics().connected)
+        async with aioredis.Redis.from_url(private_redis.url) as client:
+            assert await client.zrange("gc:members", 0, -1) == [b"a"]
         tg.cancel_scope.cancel()
 
 
