@@ -464,17 +464,13 @@ class Node:
         if self._pass_scope is not None:
             self._pass_scope.cancel()
 
-    async def _current_cursor(self) -> int | None:
-        """The store's cursor for "now" if it offers one (``PostgresStore.cursor()``), else None.
+    async def _current_cursor(self) -> int:
+        """The store's cursor for "now".
 
         Pinning it before following the feed means no change committed after ``__aenter__`` is missed,
         whenever the feed's first poll happens, and gives the first checkpoint a real cursor.
         """
-        cursor = getattr(self._store, "cursor", None)
-        if cursor is None:
-            return None
-        value: int = await cursor()
-        return value
+        return await self._store.cursor()
 
     def _start_cursor(self) -> int:
         return self._feed_after if self._feed_after is not None else 0
@@ -507,18 +503,14 @@ class Node:
                 feed = self._store.changes(after=cursor)
                 if not started:  # the feed has fixed its starting point: changes from now on are seen
                     started = True
-                    self._checkpoints.append(
-                        (time.monotonic(), self._start_cursor() if cursor is None else cursor)
-                    )
+                    self._checkpoints.append((time.monotonic(), cursor))
                     task_status.started()
                 cursor = await self._one_pass(feed, cursor, retrying)
                 if self._rewind_to is None:
                     logger.info("node %s: the change feed ended", self.node_id)
                     return
 
-    async def _one_pass(
-        self, feed: AsyncIterator[Change], cursor: int | None, retrying: AsyncRetrying
-    ) -> int | None:
+    async def _one_pass(self, feed: AsyncIterator[Change], cursor: int, retrying: AsyncRetrying) -> int:
         """Follow ``feed`` until it ends or a rewind is requested; return the last cursor seen."""
         with anyio.CancelScope() as scope:
             self._pass_scope = scope
@@ -547,10 +539,8 @@ class Node:
             return
         await self._notify(root_id, Changed(root_id, change.version, change.committed_at))
 
-    def _checkpoint(self, cursor: int | None) -> None:
+    def _checkpoint(self, cursor: int) -> None:
         """Remember that every change from now on comes after ``cursor``; keep ``handoff`` seconds' worth."""
-        if cursor is None:
-            return
         now = time.monotonic()
         if self._checkpoints and now - self._checkpoints[-1][0] < self._checkpoint_interval:
             return

@@ -31,6 +31,9 @@ class WrappedStore:
     async def version(self, root_id: str) -> int:
         return await self.inner.version(root_id)
 
+    async def cursor(self) -> int:
+        return await self.inner.cursor()
+
     def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
         return self.inner.changes(after=after)
 

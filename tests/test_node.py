@@ -271,7 +271,7 @@ async def test_a_failed_feed_resumes_from_its_last_cursor(cache: MemoryCache) ->
         cached = {root: await cached_version(cache, root) for root in roots}
         stats = node.statistics()
     assert cached == versions
-    assert broken.opened_after == [None, 13]  # 10 creates, then the third change after the start
+    assert broken.opened_after == [10, 13]  # pinned after the 10 creates, then after the third change
     assert (stats.notifications, stats.rebuilds) == (10, 10)
 
 
