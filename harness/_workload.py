@@ -269,6 +269,9 @@ class SlowLoads:
     async def version(self, root_id: str) -> int:
         return await self._store.version(root_id)
 
+    async def cursor(self) -> int:
+        return await self._store.cursor()
+
     def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
         return self._store.changes(after=after)
 

@@ -148,12 +148,12 @@ def test_bad_flags_are_refused_before_anything_runs(
     assert not (tmp_path / "out").exists()
 
 
-def test_simulate_ring_prints_the_ring_table(capsys: pytest.CaptureFixture[str]) -> None:
-    """--simulate-ring prints H5's ring simulation for the given node counts instead of running load."""
-    assert loadtest(["--simulate-ring", "3"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[0] == "nodes"
-    assert lines[2].split()[0] == "3"
+def test_simulate_ring_runs_the_ring_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--simulate-ring hands the node counts and seed to the ring simulation instead of running load."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr(_loadtest, "simulate_main", lambda argv: calls.append(argv) or 0)
+    assert loadtest(["--simulate-ring", "3, 10", "--seed", "5"]) == 0
+    assert calls == [["--nodes", "3,10", "--roots", "20000", "--seed", "5"]]
 
 
 def test_simulate_ring_refuses_a_bad_list(capsys: pytest.CaptureFixture[str]) -> None:

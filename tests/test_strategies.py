@@ -13,8 +13,8 @@ from actors import graph_key
 from cache import MemoryCache
 from harness._loadtest import _share
 from harness._strategies import NAMES, STRATEGIES, Tally
-from harness._workload import RootPicker, initial_graph, root_ids, write_ops
-from storage import Change, Graph, MemoryStore, Op, Upsert
+from harness._workload import RootPicker, SlowLoads, initial_graph, root_ids, write_ops
+from storage import Change, Graph, GraphStore, MemoryStore, Op, Upsert
 
 pytestmark = pytest.mark.anyio
 ROOT = "root-00000"
@@ -58,11 +58,21 @@ class CommitDuringLoad:
     async def create_root(self, root_id: str, data: dict[str, Any]) -> int:
         return await self.store.create_root(root_id, data)
 
+    async def cursor(self) -> int:
+        return await self.store.cursor()
+
     def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
         return self.store.changes(after=after)
 
     async def aclose(self) -> None:
         await self.store.aclose()
+
+
+async def test_wrapped_stores_keep_the_protocol(backends: tuple[MemoryStore, MemoryCache]) -> None:
+    """SlowLoads and this file's racing wrapper still implement every GraphStore method."""
+    store, _ = backends
+    assert isinstance(SlowLoads(store, 0.0), GraphStore)
+    assert isinstance(CommitDuringLoad(store), GraphStore)
 
 
 def test_compare_order_lists_every_strategy_once() -> None:
