@@ -125,7 +125,8 @@ def _verdict(result: DemoResult) -> list[str]:
         share = ours.rebuilds / max(ours.updates, 1)
         said.append(
             f"graphcache: no regression, no torn graph, converged; {ours.rebuilds:,} rebuilds for "
-            f"{ours.updates:,} updates ({share:.2f} per update): bursts coalesce into one rebuild."
+            f"{ours.updates:,} updates ({share:.2f} per update: changes arriving during a rebuild "
+            "share the next one)."
         )
     else:
         said.append(
