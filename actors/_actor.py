@@ -5,8 +5,12 @@ stop request) on the actor at once, then drops a message into the bounded mailbo
 full a wake-up is already queued, so nothing is lost and the feed consumer never blocks. The loop drains
 everything queued, rebuilds once for the newest version (one store snapshot, one versioned put) and
 repeats while newer versions arrived meanwhile: a burst of N notifications during one rebuild costs at
-most one more rebuild (G4). Safety does not depend on the actor: ``put_if_newer`` keeps the newest graph
-whoever writes it, so a refused put (someone cached a newer one) is success.
+most one more rebuild (G4). ``min_rebuild_interval`` paces one root's rebuilds: the next one starts no
+sooner than that many seconds after the start of the previous one. The first rebuild after a quiet
+period starts at once (an idle system adds no lag); during a sustained burst notifications pile up in
+the actor's state meanwhile and one rebuild covers them all. Safety does not depend on the actor:
+``put_if_newer`` keeps the newest graph whoever writes it, so a refused put (someone cached a newer one)
+is success.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ._messages import Changed, Message, Refresh, Stop
 from ._stats import ActorStatistics, Counters
 from ._validate import check_positive, check_root_id, check_version
 
-__all__ = ("RootActor",)
+__all__ = ("DEFAULT_MIN_REBUILD_INTERVAL", "RootActor")
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 """Failures worth retrying: the backend may come back. Anything else is given up (and logged)."""
+
+
+DEFAULT_MIN_REBUILD_INTERVAL = 0.05
+"""Seconds between the starts of two rebuilds of one root (see docs/readme/actors.md for the trade-off)."""
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -68,6 +76,7 @@ class RootActor:
         built: int = 0,
         retry_initial: float = 0.05,
         retry_max: float = 5.0,
+        min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL,
     ) -> None:
         self.root_id = check_root_id(root_id)
         if isinstance(mailbox_size, bool) or not isinstance(mailbox_size, int) or mailbox_size < 1:
@@ -75,6 +84,11 @@ class RootActor:
         self._idle_timeout = check_positive(idle_timeout, name="idle_timeout")
         self._retry_initial = check_positive(retry_initial, name="retry_initial")
         self._retry_max = check_positive(retry_max, name="retry_max")
+        self._min_interval = check_positive(
+            min_rebuild_interval, name="min_rebuild_interval", allow_zero=True
+        )
+        self._last_start: float | None = None  # anyio clock at the start of the latest rebuild
+        self._stopping = anyio.Event()  # cuts a pacing pause short
         self._store = store
         self._cache = cache
         self._key = graph_key(root_id)
@@ -126,6 +140,7 @@ class RootActor:
                 self._refresh = True
             case Stop():
                 self._stop = True
+                self._stopping.set()
         # When the mailbox is full a wake-up is already queued, and the state above carries the rest.
         with contextlib.suppress(WouldBlock):
             self._send.send_nowait(message)
@@ -218,16 +233,31 @@ class RootActor:
         """Rebuild until nothing newer than ``built`` was asked for (checking for a stop in between)."""
         while not self._stop and self._has_work():
             self._drain()
-            pending, self._pending = self._pending, 0
             if self._wanted <= self._built and not self._refresh:
+                pending, self._pending = self._pending, 0
                 self._coalesce(pending)  # a rebuild already covered them
                 continue
+            if not await self._pace():
+                return  # told to stop while pausing
+            self._drain()
+            pending, self._pending = self._pending, 0
             self._refresh = False
             self._coalesce(max(pending - 1, 0))
             since, self._pending_since = self._pending_since, None
             await self._rebuild(self._wanted, since)
 
+    async def _pace(self) -> bool:
+        """Wait until ``min_rebuild_interval`` has passed since the last rebuild started; False on a stop."""
+        if self._last_start is None:
+            return not self._stop
+        resume = self._last_start + self._min_interval
+        while not self._stop and (pause := resume - anyio.current_time()) > 0:  # a timer may fire early
+            with anyio.move_on_after(pause):
+                await self._stopping.wait()
+        return not self._stop
+
     async def _rebuild(self, target: int, since: float | None) -> None:
+        self._last_start = anyio.current_time()
         try:
             await self._rebuild_once(target, since)  # the common case, without the retry machinery
         except Exception as exc:  # broad on purpose: a failing root must never take the node down

@@ -36,7 +36,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 from cache import CacheError, VersionedCache
 from storage import Change, Graph, GraphStore, Op
 
-from ._actor import RootActor, _is_transient
+from ._actor import DEFAULT_MIN_REBUILD_INTERVAL, RootActor, _is_transient
 from ._errors import ActorDead, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
 from ._keys import graph_key
 from ._membership import Membership, StaticMembership
@@ -83,12 +83,12 @@ class Node:
     ``membership`` gives the view the ring is built on (default: this node alone). ``consistency``:
     "bounded" serves the previous graph until a rebuild lands; "strict" invalidates older versions as
     soon as a newer one is notified (one cache round trip per new version, in the feed's order).
-    ``idle_timeout``, ``mailbox_size``, ``retry_initial`` and ``retry_max`` configure the actors (the
-    retry settings also pace the feed's reconnects); ``remember_roots`` bounds how many passivated roots'
-    built versions are kept. ``handoff`` (seconds; at least the membership ttl plus a heartbeat) and
-    ``checkpoint_interval`` drive the hand-over described in the module docstring; ``feed_after`` starts
-    the feed after that cursor instead of "now". Leaving ``async with`` gives in-flight rebuilds up to
-    ``shutdown_timeout`` seconds.
+    ``idle_timeout``, ``mailbox_size``, ``retry_initial``, ``retry_max`` and ``min_rebuild_interval``
+    configure the actors (the retry settings also pace the feed's reconnects); ``remember_roots`` bounds
+    how many passivated roots' built versions are kept. ``handoff`` (seconds; at least the membership ttl
+    plus a heartbeat) and ``checkpoint_interval`` drive the hand-over described in the module docstring;
+    ``feed_after`` starts the feed after that cursor instead of "now". Leaving ``async with`` gives
+    in-flight rebuilds up to ``shutdown_timeout`` seconds.
     """
 
     def __init__(
@@ -108,6 +108,7 @@ class Node:
         retry_max: float = 5.0,
         shutdown_timeout: float = 5.0,
         checkpoint_interval: float = 0.5,
+        min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL,
     ) -> None:
         self.node_id = validate_node_id(node_id)
         if consistency not in _CONSISTENCIES:
@@ -121,6 +122,9 @@ class Node:
             "idle_timeout": check_positive(idle_timeout, name="idle_timeout"),
             "retry_initial": check_positive(retry_initial, name="retry_initial"),
             "retry_max": check_positive(retry_max, name="retry_max"),
+            "min_rebuild_interval": check_positive(
+                min_rebuild_interval, name="min_rebuild_interval", allow_zero=True
+            ),
         }
         self._handoff = check_positive(handoff, name="handoff", allow_zero=True)
         self._feed_after = None if feed_after is None else check_version(feed_after, name="feed_after")

@@ -23,6 +23,7 @@ import anyio
 from cache import CacheError, RedisCache
 from storage import PostgresStore, StoreError
 
+from ._actor import DEFAULT_MIN_REBUILD_INTERVAL
 from ._http import serve_http
 from ._keys import graph_key
 from ._membership import Membership, RedisMembership, StaticMembership
@@ -78,6 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "IDLE_TIMEOUT",
         "30.0",
         "seconds before an idle actor passivates",
+        type=float,
+    )
+    _option(
+        parser,
+        "--min-rebuild-interval",
+        "MIN_REBUILD_INTERVAL",
+        str(DEFAULT_MIN_REBUILD_INTERVAL),
+        "seconds between the starts of two rebuilds of one root (0: no pacing)",
         type=float,
     )
     _option(parser, "--metrics-host", "METRICS_HOST", "127.0.0.1", "address of /metrics and /healthz")
@@ -179,6 +188,7 @@ async def _serve_node(
         membership=membership,
         consistency=args.consistency,
         idle_timeout=args.idle_timeout,
+        min_rebuild_interval=args.min_rebuild_interval,
         handoff=args.ttl + 2 * args.heartbeat,  # a dead member's changes are re-read by its successor
     )
     async with node, anyio.create_task_group() as tg:

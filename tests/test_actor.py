@@ -216,6 +216,7 @@ async def test_repr_and_statistics_show_live_state(store: MemoryStore, cache: Me
         ({"root_id": 7}, "root_id must be a str"),
         ({"mailbox_size": 0}, "mailbox_size must be an int >= 1"),
         ({"idle_timeout": 0}, "idle_timeout must be finite and > 0"),
+        ({"min_rebuild_interval": -0.1}, "min_rebuild_interval must be finite and >= 0"),
         ({"built": -1}, "built must be in 0..2**63-1"),
     ],
 )
@@ -244,3 +245,56 @@ async def test_bad_messages_are_refused_without_changing_state(
         actor.tell(message)
     assert actor.statistics()[1:] == (True, 0, 0, 0, 0, 0, 0, 0, False)
     actor.close()
+
+
+async def test_first_rebuild_after_a_quiet_period_is_not_paced(store: MemoryStore, cache: MemoryCache) -> None:
+    """With an hour between rebuilds, the first notification is still rebuilt at once."""
+    actor = RootActor("r", store=store, cache=cache, min_rebuild_interval=3600)
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        version = await write(store)
+        actor.tell(Changed("r", version))
+        with anyio.fail_after(30):  # a safety net only: a paced first rebuild would wait an hour
+            await actor.until_built(version)
+        assert await cached_version(cache) == version
+        actor.tell(Stop())
+
+
+async def test_stop_cuts_a_pacing_pause_short(store: MemoryStore, cache: MemoryCache) -> None:
+    """A stop told while the next rebuild waits out its interval ends the actor without that rebuild."""
+    actor = RootActor("r", store=store, cache=cache, min_rebuild_interval=3600)
+    with anyio.fail_after(30):  # a safety net only: without the cut the pause lasts an hour
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            first = await write(store, "first")
+            actor.tell(Changed("r", first))
+            await actor.until_built(first)
+            actor.tell(Changed("r", await write(store, "second")))
+            for _ in range(10):
+                await anyio.sleep(0)  # let the actor reach its pause (stopping before it is also fine)
+            actor.tell(Stop())
+    assert (actor.alive, actor.built, actor.statistics().rebuilds) == (False, first, 1)
+
+
+async def test_rebuilds_of_a_busy_root_start_at_least_the_interval_apart(
+    store: MemoryStore, cache: MemoryCache
+) -> None:
+    """Under a steady stream of notifications, n rebuilds span at least (n - 1) intervals; all are covered."""
+    interval = 0.05
+    actor = RootActor("r", store=store, cache=cache, min_rebuild_interval=interval)
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        began = anyio.current_time()
+        versions = []
+        for i in range(300):
+            versions.append(await write(store, f"c{i}"))
+            actor.tell(Changed("r", versions[-1]))
+            await anyio.sleep(0.001)  # a steady stream: unpaced, nearly every write would rebuild
+        await actor.until_built(versions[-1])
+        ended = anyio.current_time()
+        stats = actor.statistics()
+        assert stats.rebuilds >= 2
+        assert (stats.rebuilds - 1) * interval <= ended - began
+        assert stats.notifications == stats.coalesced + stats.rebuilds == 300
+        assert await cached_version(cache) == versions[-1]
+        actor.tell(Stop())

@@ -29,6 +29,7 @@ OPTIONS = {
     "--ttl": "TTL",
     "--consistency": "CONSISTENCY",
     "--idle-timeout": "IDLE_TIMEOUT",
+    "--min-rebuild-interval": "MIN_REBUILD_INTERVAL",
     "--metrics-host": "METRICS_HOST",
     "--metrics-port": "METRICS_PORT",
     "--log-level": "LOG_LEVEL",
@@ -58,8 +59,10 @@ def test_environment_variables_are_the_defaults(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("GRAPHCACHE_TTL", "7.5")
     monkeypatch.setenv("GRAPHCACHE_MEMBERSHIP", "static")
     monkeypatch.setenv("GRAPHCACHE_NODE_ID", "from-env")
+    monkeypatch.setenv("GRAPHCACHE_MIN_REBUILD_INTERVAL", "0.25")
     args = run.build_parser().parse_args(["serve", "--node-id", "from-flag"])
     assert (args.ttl, args.membership, args.node_id) == (7.5, "static", "from-flag")
+    assert args.min_rebuild_interval == 0.25
 
 
 @pytest.fixture
