@@ -54,6 +54,7 @@ from ._workload import (
     read_loop,
     record_read,
     root_ids,
+    task_picker,
     write_loop,
 )
 
@@ -493,9 +494,9 @@ async def _load(env: _Env, name: str, out: Path, interrupt: Stopper) -> tuple[Ta
 
 
 def picker(config: LoadConfig, role: str, task: int) -> RootPicker:
-    """Task ``task``'s root picker: its own random stream from the seed (processes derive it the same way)."""
-    rng = random.Random(f"{config.seed}:{role}:{task}")
-    return RootPicker(root_ids(config.roots), dist=config.dist, zipf_s=config.zipf_s, rng=rng)
+    return task_picker(
+        roots=config.roots, dist=config.dist, zipf_s=config.zipf_s, seed=config.seed, role=role, task=task
+    )
 
 
 async def _load_embedded(env: _Env, name: str, out: Path, interrupt: Stopper) -> tuple[Tally, float]:

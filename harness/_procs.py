@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import logging
-import random
 import signal
 import subprocess
 import sys
@@ -34,9 +33,9 @@ from storage import GraphStore, PostgresStore
 
 from ._history import HistoryWriter
 from ._strategies import NAMES, STRATEGIES, Tally
-from ._workload import DEFAULT_CHILDREN, Lane, RootPicker, Stopper, read_loop, root_ids, write_loop
+from ._workload import DEFAULT_CHILDREN, Lane, Stopper, read_loop, task_picker, write_loop
 
-__all__ = ("Child", "open_cache", "open_store", "picker_for", "spawn", "worker_argv")
+__all__ = ("Child", "open_cache", "open_store", "spawn", "worker_argv")
 
 logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.5
@@ -60,12 +59,6 @@ async def open_cache(url: str, namespace: str) -> AsyncIterator[VersionedCache]:
     finally:
         with anyio.CancelScope(shield=True):
             await cache.aclose()
-
-
-def picker_for(roots: Sequence[str], args: argparse.Namespace, role: str, task: int) -> RootPicker:
-    """The root picker of one task: its own random stream, derived from the seed, role and task number."""
-    rng = random.Random(f"{args.seed}:{role}:{task}")
-    return RootPicker(roots, dist=args.dist, zipf_s=args.zipf_s, rng=rng)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,12 +132,18 @@ async def _work(
 
 
 def _lanes(args: argparse.Namespace, history: HistoryWriter, stopper: Stopper) -> list[Lane]:
-    roots = root_ids(args.roots)
     return [
         Lane(
             f"{args.role}-{task}",
             task,
-            picker_for(roots, args, args.role, task),
+            task_picker(
+                roots=args.roots,
+                dist=args.dist,
+                zipf_s=args.zipf_s,
+                seed=args.seed,
+                role=args.role,
+                task=task,
+            ),
             history,
             stopper,
             args.rate,

@@ -40,6 +40,7 @@ __all__ = (
     "read_loop",
     "record_read",
     "root_ids",
+    "task_picker",
     "write_loop",
     "write_ops",
 )
@@ -75,6 +76,13 @@ class RootPicker:
             return self._roots[self._rng.randrange(len(self._roots))]
         point = self._rng.random() * self._cumulative[-1]
         return self._roots[min(bisect.bisect_right(self._cumulative, point), len(self._roots) - 1)]
+
+
+def task_picker(*, roots: int, dist: Dist, zipf_s: float, seed: int, role: str, task: int) -> RootPicker:
+    """One task's root picker: its own random stream from (seed, role, task), so a task picks the same roots
+    in the same order whichever strategy runs and whether it runs in this process or a worker process."""
+    rng = random.Random(f"{seed}:{role}:{task}")
+    return RootPicker(root_ids(roots), dist=dist, zipf_s=zipf_s, rng=rng)
 
 
 def initial_data(root_id: str) -> dict[str, Any]:
