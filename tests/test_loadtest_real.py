@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 
@@ -63,3 +65,32 @@ def test_each_process_wrote_its_history(real_run: tuple[int, Path, dict[str, Str
     assert names == ["main.jsonl", "readers-0.jsonl", "writers-0.jsonl", "writers-1.jsonl"]
     writers = {e.process for e in read_history(*out.glob("writers-*.jsonl")) if e.op == "write"}
     assert writers == {f"writer-{i}" for i in range(32)}
+
+
+def test_the_run_leaves_no_keys_and_no_schema(
+    real_run: tuple[int, Path, dict[str, StrategyResult]], redis_url: str, postgres_dsn: str
+) -> None:
+    """The actor run's namespace (named in its node logs) has no keys left and its schema is dropped."""
+    import asyncpg  # noqa: PLC0415
+    import redis  # noqa: PLC0415
+
+    log = (real_run[1] / "actor" / "actor" / "node-0.log").read_text()
+    found = re.search(r"\((gclt[0-9a-f]{10}):members\)", log)
+    assert found is not None
+    namespace = found.group(1)
+    schema = namespace.replace("gclt", "gclt_", 1)
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(match=f"{namespace}:*")) == []
+    finally:
+        client.close()
+
+    async def schema_exists() -> bool:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            return bool(await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema))
+        finally:
+            await conn.close()
+
+    assert not anyio.run(schema_exists)
