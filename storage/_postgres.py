@@ -3,11 +3,11 @@
 ``apply`` runs one READ COMMITTED transaction: lock the root row (``SELECT ... FOR UPDATE``), read the
 graph's structure *after* the lock (so it is the latest committed one), check the expected versions and
 the ops, then one statement deletes, upserts, bumps the version, writes the outbox row and NOTIFYs.
-``load`` reads the version and the nodes (one statement) in a REPEATABLE READ READ ONLY transaction
-(or runs the service's ``loader`` inside it). asyncpg / OS errors become ``StoreUnavailable`` /
-``StoreError`` in ``_seam`` and nowhere else. Every wait is bounded by ``command_timeout``: connecting
-and each statement (asyncpg's own timeouts, cheaper than a cancel scope per call); waiting for a pooled
-connection is bounded by the statements of its current holder.
+``load`` reads the version and the nodes in one statement (one snapshot, one round trip), or runs the
+service's ``loader`` inside a REPEATABLE READ READ ONLY transaction. asyncpg / OS errors become
+``StoreUnavailable`` / ``StoreError`` in ``_seam`` and nowhere else. Every wait is bounded by
+``command_timeout``: connecting and each statement (asyncpg's own timeouts, cheaper than a cancel scope
+per call); waiting for a pooled connection is bounded by the statements of its current holder.
 """
 
 from __future__ import annotations
@@ -279,16 +279,13 @@ class PostgresStore:
         return version
 
     async def load(self, root_id: str) -> Graph:
-        """One consistent snapshot of the graph (REPEATABLE READ READ ONLY)."""
+        """One consistent snapshot of the graph: one statement, or the loader in a REPEATABLE READ one."""
         check_id(root_id, name="root_id")
+        if self._loader is not None:
+            return await self._load_with_loader(root_id, self._loader)
         with self._seam():
-            async with (
-                self._pool.acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                if self._loader is not None:
-                    return await self._load_custom(conn, root_id, self._loader)
-                rows = await conn.fetch(self._sql.graph, root_id)
+            # One statement sees one snapshot (also under READ COMMITTED): no BEGIN/COMMIT round trips.
+            rows = await self._pool.fetch(self._sql.graph, root_id)
         if not rows:
             raise RootNotFound(f"root {root_id!r} not found")
         nodes = {
@@ -297,6 +294,14 @@ class PostgresStore:
             if row["id"] is not None
         }
         return Graph(root_id, rows[0]["version"], nodes)
+
+    async def _load_with_loader(self, root_id: str, loader: Loader) -> Graph:
+        with self._seam():
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                return await self._load_custom(conn, root_id, loader)
 
     async def _load_custom(self, conn: Any, root_id: str, loader: Loader) -> Graph:
         version = await conn.fetchval(self._sql.version, root_id)
