@@ -50,6 +50,9 @@ __all__ = ("Loader", "PostgresStore", "install_change_tracking")
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MIN_POLL_INTERVAL = 0.01
+"""Seconds between the starts of two polls of one feed: batches a stream of commits, adds at most this lag."""
+
 Loader = Callable[[Any, str], Awaitable[Graph]]
 """``async fn(conn, root_id) -> Graph`` run inside the snapshot transaction; its ``version`` is replaced."""
 
@@ -104,14 +107,16 @@ def _address(dsn: str) -> str:
         return parts.netloc.rpartition("@")[2]
 
 
-def _check_seconds(value: object, name: str) -> float:
+def _check_seconds(value: object, name: str, *, allow_zero: bool = False) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
-        or value <= 0
+        or value < 0
+        or (value == 0 and not allow_zero)
     ):
-        raise InvalidOperation(f"{name} must be a positive, finite number of seconds, got {value!r}")
+        kind = "non-negative" if allow_zero else "positive"
+        raise InvalidOperation(f"{name} must be a {kind}, finite number of seconds, got {value!r}")
     return float(value)
 
 
@@ -144,6 +149,7 @@ class PostgresStore:
         loader: Loader | None,
         listen: bool,
         poll_interval: float,
+        min_poll_interval: float,
         retention: float,
         timeout: float,
         max_data_bytes: int,
@@ -154,6 +160,7 @@ class PostgresStore:
         self._loader = loader
         self._listen = listen
         self._poll_interval = poll_interval
+        self._min_poll_interval = min_poll_interval
         self._retention = retention
         self._timeout = timeout
         self._max_data_bytes = max_data_bytes
@@ -170,6 +177,7 @@ class PostgresStore:
         loader: Loader | None = None,
         listen: bool = True,
         poll_interval: float = 0.25,
+        min_poll_interval: float = DEFAULT_MIN_POLL_INTERVAL,
         retention: float = 3600.0,
         command_timeout: float = 5.0,
         pool_size: int = 10,
@@ -178,11 +186,13 @@ class PostgresStore:
         """Open a pool, create/migrate ``schema`` and return the store.
 
         ``listen=False`` never LISTENs (the feed then relies on polling every ``poll_interval`` seconds);
+        a feed's polls start at least ``min_poll_interval`` seconds apart (0: one poll per wake-up);
         outbox rows older than ``retention`` seconds are pruned by running feeds.
         """
         sql = Sql(schema)
         address = _address(dsn)
         poll_interval = _check_seconds(poll_interval, "poll_interval")
+        min_poll_interval = _check_seconds(min_poll_interval, "min_poll_interval", allow_zero=True)
         retention = _check_seconds(retention, "retention")
         timeout = _check_seconds(command_timeout, "command_timeout")
         check_positive_int(pool_size, name="pool_size")
@@ -204,6 +214,7 @@ class PostgresStore:
             loader=loader,
             listen=listen,
             poll_interval=poll_interval,
+            min_poll_interval=min_poll_interval,
             retention=retention,
             timeout=timeout,
             max_data_bytes=max_data_bytes,
@@ -330,7 +341,13 @@ class PostgresStore:
         cursor = check_expected(after, name="after")
         if self._closed:
             raise StoreUnavailable(f"PostgresStore for {self.address} is closed")
-        feed = PostgresFeed(self, cursor, listen=self._listen, poll_interval=self._poll_interval)
+        feed = PostgresFeed(
+            self,
+            cursor,
+            listen=self._listen,
+            poll_interval=self._poll_interval,
+            min_poll_interval=self._min_poll_interval,
+        )
         self._feeds.add(feed)
         return feed
 

@@ -116,6 +116,8 @@ async def test_the_feed_resumes_without_loss_after_a_restart(private_postgres: P
         {"schema": "bad-name"},
         {"schema": 'x"; DROP SCHEMA public; --'},
         {"poll_interval": 0},
+        {"min_poll_interval": -0.01},
+        {"min_poll_interval": float("inf")},
         {"retention": float("nan")},
         {"command_timeout": -1},
         {"pool_size": 0},

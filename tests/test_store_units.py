@@ -174,6 +174,20 @@ async def test_feed_skips_superseded_versions_and_tracks_the_snapshot() -> None:
     assert feed.statistics().superseded == 2
 
 
+async def test_feed_polls_start_at_least_min_poll_interval_apart() -> None:
+    """A feed with rows on every poll still spaces its polls: n polls span at least n - 1 intervals."""
+    polls = [PollResult(100 + i, 101 + i, [], [("a", i + 1, 0.0)]) for i in range(10)]
+    store = ScriptedStore(polls)
+    feed = PostgresFeed(store, 90, listen=False, poll_interval=1.0, min_poll_interval=0.02)  # type: ignore[arg-type]
+    store.feed = feed
+    began = anyio.current_time()
+    got = [change.version async for change in feed]
+    elapsed = anyio.current_time() - began
+    assert got == list(range(1, 11))
+    assert len(store.asked) == 10
+    assert elapsed >= 9 * 0.02  # unpaced, ten polls that each return a row follow each other at once
+
+
 async def test_closing_a_memory_feed_ends_a_waiting_consumer() -> None:
     """aclose() from another task ends an iteration that is waiting for the next change."""
     store = MemoryStore()
