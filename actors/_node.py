@@ -139,6 +139,8 @@ class Node:
         self._members: frozenset[str] = frozenset()
         self._ring = Ring([self.node_id])
         self._previous_ring: Ring | None = None
+        self._owned: dict[str, bool] = {}  # the ring's answers, cached: a lookup hashes the root id
+        self._owned_before: dict[str, bool] = {}  # the same for the previous ring
         self._previous_until = 0.0
         self._checkpoints: deque[tuple[float, int]] = deque()
         self._rewind_to: int | None = None
@@ -220,13 +222,13 @@ class Node:
 
     def owns(self, root_id: str) -> bool:
         """Whether this node rebuilds ``root_id`` (its ring says so, or did until ``handoff`` ago)."""
-        if self._ring.owns(self.node_id, root_id):
+        if _owns(self._ring, self._owned, self.node_id, root_id):
             return True
         previous = self._previous_ring
         return (
             previous is not None
             and time.monotonic() < self._previous_until
-            and previous.owns(self.node_id, root_id)
+            and _owns(previous, self._owned_before, self.node_id, root_id)
         )
 
     async def get(
@@ -449,10 +451,10 @@ class Node:
             return
         lost = self._members - view
         if self._members:
-            self._previous_ring = self._ring
+            self._previous_ring, self._owned_before = self._ring, self._owned
             self._previous_until = time.monotonic() + self._handoff
         self._members = view
-        self._ring = Ring(view)
+        self._ring, self._owned = Ring(view), {}
         logger.info("node %s: view %s (gone: %s)", self.node_id, sorted(view), sorted(lost))
         if lost:
             self._request_rewind()
@@ -558,6 +560,19 @@ class Node:
         logger.warning(
             "node %s: change feed failed, resuming in %.2fs: %r", self.node_id, state.upcoming_sleep, exc
         )
+
+
+_OWNED_CACHE_LIMIT = 100_000
+
+
+def _owns(ring: Ring, cache: dict[str, bool], node_id: str, root_id: str) -> bool:
+    """``ring.owns(node_id, root_id)``, answered from ``cache`` when it can (a ring never changes)."""
+    owned = cache.get(root_id)
+    if owned is None:
+        if len(cache) >= _OWNED_CACHE_LIMIT:
+            cache.clear()
+        owned = cache[root_id] = ring.owns(node_id, root_id)
+    return owned
 
 
 def _tell_quietly(actor: RootActor, message: Message) -> None:
