@@ -421,6 +421,7 @@ async def test_bad_read_arguments_are_refused(
         ({"handoff": -1}, "handoff must be finite and >= 0"),
         ({"mailbox_size": 0}, "mailbox_size must be an int >= 1"),
         ({"feed_after": -3}, "feed_after must be in 0..2**63-1"),
+        ({"min_rebuild_interval": float("nan")}, "min_rebuild_interval must be finite and >= 0"),
     ],
 )
 def test_bad_node_options_are_refused(option: dict[str, object], message: str) -> None:
