@@ -28,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -206,8 +207,22 @@ def _kept_guarantees(result: StrategyResult) -> bool:
 
 
 def _write_reports(out: Path, config: LoadConfig, results: Sequence[StrategyResult]) -> None:
-    write_json(out / "report.json", {"config": config, "results": list(results)})
+    shown = msgspec.structs.replace(
+        config, redis=_without_password(config.redis), postgres=_without_password(config.postgres)
+    )
+    write_json(out / "report.json", {"config": shown, "results": list(results)})
     write_chart(out / "report.png", results)
+
+
+def _without_password(url: str | None) -> str | None:
+    """``url`` with any password replaced by ``***``: reports are files people share."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _print_ring_simulation(nodes: str, seed: int) -> int:

@@ -178,3 +178,18 @@ def test_sidecar_counts_are_read_from_prometheus_text() -> None:
     )
     tally = _tally_from_metrics(page)
     assert (tally.rebuilds, tally.refused, tally.updates) == (736, 150, 0)
+
+
+def test_report_json_never_holds_a_password(tmp_path: Path) -> None:
+    """report.json keeps the server addresses but replaces a URL's password with ***."""
+    config = LoadConfig(
+        redis="redis://user:s3cret@127.0.0.1:6379/0",
+        postgres="postgresql://postgres:hunter2@127.0.0.1:5432/postgres",
+    )
+    _loadtest._write_reports(tmp_path, config, [])
+    text = (tmp_path / "report.json").read_text()
+    assert "s3cret" not in text
+    assert "hunter2" not in text
+    shown = json.loads(text)["config"]
+    assert shown["redis"] == "redis://user:***@127.0.0.1:6379/0"
+    assert shown["postgres"] == "postgresql://postgres:***@127.0.0.1:5432/postgres"
