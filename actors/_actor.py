@@ -48,7 +48,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 """Failures worth retrying: the backend may come back. Anything else is given up (and logged)."""
 
 
-DEFAULT_MIN_REBUILD_INTERVAL = 0.05
+DEFAULT_MIN_REBUILD_INTERVAL = 0.1
 """Seconds between the starts of two rebuilds of one root (see docs/readme/actors.md for the trade-off)."""
 
 
