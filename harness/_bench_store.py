@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--feed-seconds", type=float, default=5.0, help="feed run length (default: %(default)s)"
     )
+    parser.add_argument(
+        "--min-poll-interval",
+        type=float,
+        default=None,
+        help="the feed's minimum seconds between polls (default: the store's, 0.01; 0: one poll per wake-up)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
 async def _main(args: argparse.Namespace) -> int:
     schema = f"bench_store_{uuid.uuid4().hex[:8]}"
-    store = await PostgresStore.connect(args.postgres, schema, pool_size=args.concurrency)
+    options = {} if args.min_poll_interval is None else {"min_poll_interval": args.min_poll_interval}
+    store = await PostgresStore.connect(args.postgres, schema, pool_size=args.concurrency, **options)
     raw = await asyncpg.create_pool(args.postgres, min_size=args.concurrency, max_size=args.concurrency)
     try:
         rows = await _measure(args, store, raw, schema)
