@@ -49,7 +49,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 DEFAULT_MIN_REBUILD_INTERVAL = 0.1
-"""Seconds between the starts of two rebuilds of one root (see docs/readme/actors.md for the trade-off)."""
+"""Seconds between the starts of two rebuilds of one root (see README.md, "Pacing", for the trade-off)."""
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -1,6 +1,6 @@
 """``RedisCache``: ``VersionedCache`` on Redis (single instance or Cluster).
 
-Wire layout of one cache key ``K`` under namespace ``NS`` (documented in docs/readme/cache.md):
+Wire layout of one cache key ``K`` under namespace ``NS`` (documented in README.md, "Wire format (Redis)"):
 ``T = base64url(utf8(K))`` without padding, and all of K's state shares the hash tag ``{T}``::
 
     NS:{T}:i   hash  v = version (decimal string), d = value (msgpack); PEXPIRE = the item's ttl
