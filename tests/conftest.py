@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import asyncpg
 import pytest
+import redis
 
 from tests._pg_servers import *  # noqa: F403  (fixtures)
 from tests._redis_servers import *  # noqa: F403  (fixtures)
@@ -40,9 +41,19 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-def namespace() -> str:
-    """A Redis key namespace no other test (or run) uses."""
-    return f"gct{RUN_ID}{uuid.uuid4().hex[:8]}"
+def namespace(redis_url: str) -> Iterator[str]:
+    """A Redis key namespace no other test (or run) uses; its keys are deleted afterwards."""
+    name = f"gct{RUN_ID}{uuid.uuid4().hex[:8]}"
+    yield name
+    _delete_namespace(redis_url, name)
+
+
+def _delete_namespace(url: str, name: str) -> None:
+    # Only this test's own prefix, found by SCAN: never a flush of the shared server.
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(match=f"{name}:*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 @pytest.fixture(scope="session")
