@@ -55,6 +55,8 @@ class Strategy(Protocol):
 
 
 class NoCache:
+    """The writer only commits and nobody maintains the cache: the throughput ceiling."""
+
     name: ClassVar[str] = "none"
 
     async def after_write(
@@ -63,15 +65,10 @@ class NoCache:
         return None
 
 
-class ActorFeed:
-    """The writer only commits; the Nodes' actors see the change on the feed and rebuild."""
+class ActorFeed(NoCache):
+    """The writer only commits, as with ``none``; the Nodes' actors see the change on the feed and rebuild."""
 
     name: ClassVar[str] = "actor"
-
-    async def after_write(
-        self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
-    ) -> None:
-        return None
 
 
 class CompareAndSet:
