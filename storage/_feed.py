@@ -25,7 +25,9 @@ Wake-ups. Each feed has one dedicated connection (never from the pool, so polls 
 writers; ``application_name`` "graphcache feed <schema>") that LISTENs and polls. A NOTIFY (or the
 connection's loss) wakes the poller at once, otherwise it polls every ``poll_interval`` seconds, so a
 lost NOTIFY is only a delay. Two polls start at least ``min_poll_interval`` seconds apart, so a stream of
-commits is read in batches (one poll per interval) instead of one poll per NOTIFY. A lost connection is
+commits is read in batches (one poll per interval) instead of one poll per NOTIFY; while polls keep
+finding rows the feed does not LISTEN at all (see ``_adapt_listening``), so a busy server does not signal
+every feed at every commit. A lost connection is
 replaced at the next step; failed connects and polls back off (capped, jittered, exponential) and the
 feed resumes where it was when the database returns.
 """
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 _NOTHING = 2**63 - 1  # a lower bound no xid reaches: the first poll of a feed that starts "now"
 _MAX_BACKOFF = 2.0
+_BUSY_POLLS = 3
+"""Polls in a row that found rows before a feed stops listening (it polls at its own pace meanwhile)."""
 
 
 class PollResult(NamedTuple):
@@ -99,6 +103,8 @@ class PostgresFeed:
         self._max_seen: dict[str, int] = {}
         self._wake = anyio.Event()
         self._conn: Any = None
+        self._listening = False  # whether the current connection LISTENs
+        self._busy_polls = 0
         self._failed_in_a_row = 0
         self._last_prune: float | None = None
         self._closed = False
@@ -123,7 +129,7 @@ class PostgresFeed:
             self._polls,
             self._failed,
             self._connects,
-            self._listen and self._connected(),
+            self._listening and self._connected(),
             self._watermark,
         )
 
@@ -173,11 +179,38 @@ class PostgresFeed:
             self._failed_in_a_row = 0
             self._accept(result)
             await self._maybe_prune()
-            if self._buffer:
+            try:
+                if await self._adapt_listening(conn, busy=bool(self._buffer)):
+                    return
+            except StoreUnavailable as exc:
+                logger.warning("change feed could not switch LISTEN; reconnecting: %s", exc)
+                await self._disconnect()
                 return
             delay = self._poll_interval
         with anyio.move_on_after(delay):
             await self._wake.wait()
+
+    async def _adapt_listening(self, conn: Any, *, busy: bool) -> bool:
+        """LISTEN only while the feed waits; True if it should poll again without waiting.
+
+        Under a stream of commits the feed polls every ``min_poll_interval`` anyway, and a NOTIFY per
+        commit to every listening feed then costs the server a signal and the feed a wake-up each, for
+        nothing: after ``_BUSY_POLLS`` polls in a row that found rows, it UNLISTENs. The first poll that
+        finds nothing LISTENs again and asks for one more poll, so a commit between that poll and the
+        LISTEN (whose NOTIFY nobody heard) is still read before the feed sleeps.
+        """
+        if not busy:
+            self._busy_polls = 0
+            if self._listen and not self._listening:
+                await self._store._set_listening(conn, self._notified, on=True)
+                self._listening = True
+                return True
+            return False
+        self._busy_polls += 1
+        if self._listening and self._busy_polls >= _BUSY_POLLS and self._min_poll_interval > 0:
+            await self._store._set_listening(conn, self._notified, on=False)
+            self._listening = False
+        return True
 
     async def _pace(self) -> None:
         """Start a poll no sooner than ``min_poll_interval`` after the previous one started.
@@ -226,13 +259,15 @@ class PostgresFeed:
             await self._disconnect()
         conn = await self._store._open_feed_connection(self._notified, listen=self._listen)
         self._conn = conn
+        self._listening = self._listen
+        self._busy_polls = 0
         self._connects += 1
         if self._closed:  # closed while connecting
             await self._disconnect()
             raise StoreUnavailable("the feed was closed")
         return conn
 
-    def _notified(self) -> None:
+    def _notified(self, *_: object) -> None:
         self._wake.set()
 
     async def _disconnect(self) -> None:

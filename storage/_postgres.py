@@ -91,6 +91,18 @@ async def _keep_session(conn: Any) -> None:
     not leave session state either (``SET LOCAL``, not ``SET``)."""
 
 
+_XID_SPAN = 2**32
+"""More xids than can separate a poll's lower bound from any committed row: live xids span under 2**31."""
+
+
+def _poll_upper_bound(lower: int) -> int:
+    """An upper bound for the poll's xid range that no row reaches. It changes no result; it makes the
+    range two-sided, which the planner estimates as narrow (0.5%) even with no statistics, so the outbox
+    is read by its xid index. One-sided, it estimated a third of an unanalysed outbox and seq-scanned it at
+    every poll (seen: 1,477 scans reading 5.8M rows in one 30 s load test)."""
+    return min(lower + _XID_SPAN, 2**63 - 1)
+
+
 def _address(dsn: str) -> str:
     """``host:port`` of a ``postgresql://`` DSN, for messages; a DSN that does not parse is bad input."""
     if not isinstance(dsn, str):
@@ -373,7 +385,7 @@ class PostgresStore:
     async def _poll(self, conn: Any, lower: int, extra: Sequence[int]) -> PollResult:
         """Outbox rows with ``xid >= lower`` or ``xid`` in ``extra``, with the snapshot they were read in."""
         with self._seam():
-            rows = await conn.fetch(self._sql.poll, lower, list(extra))
+            rows = await conn.fetch(self._sql.poll, lower, list(extra), _poll_upper_bound(lower))
         first = rows[0]
         found = [
             (row["root_id"], row["version"], row["committed_at"])
@@ -382,7 +394,7 @@ class PostgresStore:
         ]
         return PollResult(first["xmin"], first["xmax"], list(first["xip"]), found)
 
-    async def _open_feed_connection(self, wake: Callable[[], None], *, listen: bool) -> Any:
+    async def _open_feed_connection(self, wake: Callable[..., None], *, listen: bool) -> Any:
         """A feed's own connection (never pooled, so polls never queue behind writers), LISTENing if
         ``listen``; ``wake`` is called on each NOTIFY and when the connection is lost."""
         with self._seam():
@@ -394,12 +406,20 @@ class PostgresStore:
             )
             try:
                 if listen:
-                    await conn.add_listener(self._sql.channel, lambda *_: wake())
+                    await conn.add_listener(self._sql.channel, wake)
             except BaseException:
                 conn.terminate()
                 raise
         conn.add_termination_listener(lambda *_: wake())
         return conn
+
+    async def _set_listening(self, conn: Any, wake: Callable[..., None], *, on: bool) -> None:
+        """LISTEN (calling ``wake`` on each NOTIFY) or UNLISTEN on a feed's connection."""
+        with self._seam():
+            if on:
+                await conn.add_listener(self._sql.channel, wake)
+            else:
+                await conn.remove_listener(self._sql.channel, wake)
 
     def _forget(self, feed: PostgresFeed) -> None:
         self._feeds.discard(feed)

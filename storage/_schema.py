@@ -170,7 +170,7 @@ WITH snap AS MATERIALIZED (  -- once, not once per row
 )
 SELECT snap.xmin, snap.xmax, snap.xip, o.root_id, o.version, o.committed_at
 FROM snap
-LEFT JOIN {s}.outbox AS o ON o.xid >= $1 OR o.xid = ANY($2::bigint[])
+LEFT JOIN {s}.outbox AS o ON (o.xid >= $1 AND o.xid < $3) OR o.xid = ANY($2::bigint[])
 ORDER BY o.xid, o.id"""
         self.watermark = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
         self.prune = f"DELETE FROM {s}.outbox WHERE committed_at < extract(epoch FROM clock_timestamp()) - $1"

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -13,6 +14,7 @@ import asyncpg
 import pytest
 
 from storage import Change, PostgresStore, StoreUnavailable, Upsert
+from storage._postgres import _poll_upper_bound
 from tests.test_store_contract import collect_until, writer_on_own_root
 
 pytestmark = pytest.mark.anyio
@@ -236,3 +238,80 @@ async def test_repr_shows_live_state(connect: Connect, pg_schema: str) -> None:
     assert repr(store).startswith("<PostgresStore [closed")
     with pytest.raises(StoreUnavailable):
         await store.version("r")
+
+
+async def test_the_poll_reads_a_fresh_outbox_by_its_xid_index(
+    connect: Connect, raw: asyncpg.Connection, pg_schema: str
+) -> None:
+    """A never-analysed outbox of 5,000 rows: the poll's plan (custom and generic) uses the xid index.
+
+    A seq scan here is a real cost: every feed polls up to 1/min_poll_interval times a second.
+    """
+    store = await connect()
+    await raw.execute(
+        f'INSERT INTO "{pg_schema}".outbox (xid, root_id, version)'
+        " SELECT 1000 + g, 'r' || (g % 8), g FROM generate_series(1, 5000) AS g"
+    )
+    poll_sql = store._sql.poll
+    args = (5990, [5985], _poll_upper_bound(5990))
+    plans = [await raw.fetchval(f"EXPLAIN (FORMAT JSON) {poll_sql}", *args)]
+    async with raw.transaction():
+        await raw.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        plans.append(await raw.fetchval(f"EXPLAIN (FORMAT JSON) {poll_sql}", *args))
+    for plan in plans:
+        scans = list(_plan_nodes(json.loads(plan)[0]["Plan"]))
+        on_outbox = [node["Node Type"] for node in scans if node.get("Relation Name") == "outbox"]
+        assert on_outbox, scans
+        assert "Seq Scan" not in on_outbox, plan
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _plan_nodes(child)
+
+
+async def test_a_busy_feed_stops_listening_and_an_idle_one_listens_again(connect: Connect) -> None:
+    """Under a stream of commits the feed polls at its own pace without LISTEN; once the stream stops it
+    LISTENs again, so with a 60 s poll interval a lone commit still arrives at once (by its NOTIFY)."""
+    store = await connect(poll_interval=60.0, min_poll_interval=0.01)
+    await store.create_root("r", {})
+    feed = store.changes(after=await store.cursor())
+    stopped_listening = anyio.Event()
+    got: dict[str, list[int]] = defaultdict(list)
+
+    async def stream() -> None:
+        step = 0
+        while not stopped_listening.is_set():
+            step += 1
+            await store.apply("r", [Upsert("x", "r", {"step": step})])
+
+    async def watch() -> None:
+        async for change in feed:
+            got[change.root_id].append(change.version)
+            if not feed.statistics().listening:
+                stopped_listening.set()
+                return
+
+    async with feed:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                group.start_soon(stream)
+                group.start_soon(watch)
+            await collect_until(feed, {"r": await store.version("r")}, got)
+        lone: list[int] = []
+
+        async def read_the_lone_commit() -> None:
+            async for change in feed:  # its first poll finds nothing, so the feed LISTENs and waits
+                lone.append(change.version)
+                return
+
+        with anyio.fail_after(10):  # far below the 60 s poll interval: only a NOTIFY can wake it in time
+            async with anyio.create_task_group() as group:
+                group.start_soon(read_the_lone_commit)
+                while not feed.statistics().listening:  # noqa: ASYNC110  (our own feed's state, under a deadline)
+                    await anyio.sleep(0.005)
+                version = await store.apply("r", [Upsert("z", "r", {})])
+        assert lone == [version]
+    assert got["r"] == sorted(set(got["r"]))
+    assert got["r"][-1] < lone[0] == await store.version("r")
