@@ -1,6 +1,6 @@
 """graphcache.actors: mailbox actors, the consistent-hash ring, membership and the Node."""
 
-from ._actor import RootActor
+from ._actor import DEFAULT_MIN_REBUILD_INTERVAL, RootActor
 from ._errors import ActorDead, ActorError, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
 from ._keys import graph_key
 from ._membership import (
@@ -16,6 +16,7 @@ from ._ring import EmptyRing, InvalidNodeId, InvalidRingConfig, Ring
 from ._stats import ActorStatistics, HistogramSnapshot, NodeStatistics
 
 __all__ = (
+    "DEFAULT_MIN_REBUILD_INTERVAL",
     "ActorDead",
     "ActorError",
     "ActorStatistics",

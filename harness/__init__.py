@@ -2,7 +2,16 @@
 
 from ._checker import CheckReport, Violation, check, check_with_lags
 from ._history import Event, HistoryError, HistoryWriter, graph_hash, read_history
-from ._report import StrategyResult, format_report, format_table, write_chart, write_json
+from ._report import (
+    StrategyResult,
+    StrategySummary,
+    format_report,
+    format_summary,
+    format_table,
+    summarize,
+    write_chart,
+    write_json,
+)
 
 __all__ = (
     "CheckReport",
@@ -10,13 +19,16 @@ __all__ = (
     "HistoryError",
     "HistoryWriter",
     "StrategyResult",
+    "StrategySummary",
     "Violation",
     "check",
     "check_with_lags",
     "format_report",
+    "format_summary",
     "format_table",
     "graph_hash",
     "read_history",
+    "summarize",
     "write_chart",
     "write_json",
 )

@@ -34,14 +34,22 @@ import anyio
 import anyio.abc
 import msgspec
 
-from actors import Node, StaticMembership, graph_key
+from actors import DEFAULT_MIN_REBUILD_INTERVAL, Node, StaticMembership, graph_key
 from cache import MemoryCache, VersionedCache
 from storage import Graph, GraphStore, MemoryStore
 
 from ._checker import check_with_lags
 from ._history import Event, HistoryWriter, read_history
 from ._procs import Child, open_cache, open_store, spawn, worker_argv
-from ._report import StrategyResult, format_table, write_chart, write_json
+from ._report import (
+    StrategyResult,
+    format_summary,
+    format_table,
+    representative,
+    summarize,
+    write_chart,
+    write_json,
+)
 from ._simulate import main as simulate_main
 from ._strategies import NAMES, STRATEGIES, Tally
 from ._workload import (
@@ -83,11 +91,13 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
     settle: float = 10.0
     seed: int = 1
     nodes: int = 2
+    min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL
     latency: tuple[float, float] = (0.0005, 0.002)
     load_latency: float = 0.005
     redis: str | None = None
     postgres: str | None = None
     progress: bool = True
+    rounds: int = 1
 
     @property
     def embedded(self) -> bool:
@@ -96,10 +106,18 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to run")
-    what.add_argument("--strategy", choices=NAMES, default="actor", help="one strategy (default: actor)")
+    what.add_argument(
+        "--strategy", type=_strategy_list, default=("actor",), metavar="NAME[,NAME...]",
+        help=f"strategies to run, in this order ({', '.join(NAMES)}; default: actor)",
+    )  # fmt: skip
     what.add_argument(
         "--compare", action="store_true", help="every strategy, one after another, same workload"
     )
+    what.add_argument(
+        "--rounds", type=int, default=1, metavar="N",
+        help="run the strategies round-robin N times and add a table of medians (a noisy machine's "
+        "single run can mislead; default 1)",
+    )  # fmt: skip
     what.add_argument(
         "--simulate-ring", metavar="NODES", help="print the ring simulation for NODES (e.g. 3,10,100)"
     )
@@ -136,6 +154,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nodes", type=int, default=2, help="graphcache nodes for the actor strategy (default 2)"
     )
     load.add_argument(
+        "--min-rebuild-interval", type=float, default=DEFAULT_MIN_REBUILD_INTERVAL, metavar="SECONDS",
+        help="actor: seconds between the starts of two rebuilds of one root, the nodes' pacing "
+        f"(default {DEFAULT_MIN_REBUILD_INTERVAL}; 0: none)",
+    )  # fmt: skip
+    load.add_argument(
         "--latency", type=float, nargs=2, default=(0.0005, 0.002), metavar=("MIN", "MAX"),
         help="embedded store's simulated I/O latency in seconds (default 0.0005 0.002)",
     )  # fmt: skip
@@ -153,25 +176,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _strategy_list(text: str) -> tuple[str, ...]:
+    """``--strategy cas,actor``: known names, each once, in the order given."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in NAMES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"want a comma list of distinct strategies from {', '.join(NAMES)}; got {text!r}"
+        )
+    return names
+
+
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
     """The run's config; raises ``ValueError`` for inconsistent flags before anything starts."""
     if (args.redis is None) != (args.postgres is None):
         raise ValueError("--redis and --postgres go together (or neither, for the embedded run)")
-    for name in ("roots", "children", "writers", "writer_procs", "readers", "reader_procs", "nodes"):
+    for name in (
+        "roots",
+        "children",
+        "writers",
+        "writer_procs",
+        "readers",
+        "reader_procs",
+        "nodes",
+        "rounds",
+    ):
         if getattr(args, name) < (0 if name == "readers" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if (
         args.duration <= 0
-        or min(args.settle, args.rate, args.read_rate, args.load_latency, *args.latency) < 0
-    ):
-        raise ValueError("--duration must be > 0; --settle, --rate, --read-rate and latencies must be >= 0")
+        or min(args.settle, args.rate, args.read_rate, args.load_latency, args.min_rebuild_interval,
+               *args.latency) < 0
+    ):  # fmt: skip
+        raise ValueError(
+            "--duration must be > 0; --settle, --rate, --read-rate, --min-rebuild-interval and latencies"
+            " must be >= 0"
+        )
     return LoadConfig(
         roots=args.roots, children=args.children, dist=args.dist, zipf_s=args.zipf_s, writers=args.writers,
         writer_procs=min(args.writer_procs, args.writers), readers=args.readers,
         reader_procs=max(1, min(args.reader_procs, args.readers)), read_rate=args.read_rate, rate=args.rate,
         duration=args.duration, settle=args.settle, seed=args.seed, nodes=args.nodes,
+        min_rebuild_interval=args.min_rebuild_interval,
         latency=tuple(args.latency), load_latency=args.load_latency, redis=args.redis, postgres=args.postgres,
-        progress=not args.no_progress,
+        progress=not args.no_progress, rounds=args.rounds,
     )  # fmt: skip
 
 
@@ -184,11 +232,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"loadtest: {exc}")
         return 2
-    names = NAMES if args.compare else (args.strategy,)
+    names = NAMES if args.compare else args.strategy
     with contextlib.ExitStack() as stack:
         out = args.out or Path(stack.enter_context(_temporary_directory()))
         results = anyio.run(run_compare, config, names, out)
         print(format_table(results))
+        if config.rounds > 1:
+            print(f"\nmedians over {config.rounds} rounds (ratios are of the medians):")
+            print(format_summary(results))
         if args.out is not None:
             _write_reports(args.out, config, results)
             print(f"histories, report.json and report.png in {args.out}")
@@ -210,8 +261,10 @@ def _write_reports(out: Path, config: LoadConfig, results: Sequence[StrategyResu
     shown = msgspec.structs.replace(
         config, redis=_without_password(config.redis), postgres=_without_password(config.postgres)
     )
-    write_json(out / "report.json", {"config": shown, "results": list(results)})
-    write_chart(out / "report.png", results)
+    write_json(
+        out / "report.json", {"config": shown, "results": list(results), "summary": summarize(results)}
+    )
+    write_chart(out / "report.png", representative(results))  # each strategy's median round
 
 
 def _without_password(url: str | None) -> str | None:
@@ -241,15 +294,18 @@ def _print_ring_simulation(nodes: str, seed: int) -> int:
 async def run_compare(
     config: LoadConfig, names: Sequence[str], out: Path, *, interrupt: Stopper | None = None
 ) -> list[StrategyResult]:
-    """Each named strategy in turn on the same workload; Ctrl-C ends the current one, skips the rest."""
+    """Each named strategy in turn on the same workload, ``config.rounds`` times round-robin (so a slow
+    spell of the machine hits every strategy alike); Ctrl-C ends the current one, skips the rest."""
     interrupt = interrupt or Stopper()
     results: list[StrategyResult] = []
     async with anyio.create_task_group() as tg:
         await tg.start(_watch_interrupt, interrupt)
-        for name in names:
-            if interrupt.stopped:
-                break
-            results.append(await run_strategy(config, name, out / name, interrupt=interrupt))
+        for round_number in range(1, config.rounds + 1):
+            for name in names:
+                if interrupt.stopped:
+                    break
+                where = out / name if config.rounds == 1 else out / f"{name}-{round_number}"
+                results.append(await run_strategy(config, name, where, interrupt=interrupt))
         tg.cancel_scope.cancel()
     return results
 
@@ -331,7 +387,13 @@ async def _embedded_nodes(env: _Env) -> AsyncIterator[Callable[[], Awaitable[Tal
     async with contextlib.AsyncExitStack() as stack:
         nodes = [
             await stack.enter_async_context(
-                Node(store=env.store, cache=env.cache, node_id=node_id, membership=StaticMembership(ids))
+                Node(
+                    store=env.store,
+                    cache=env.cache,
+                    node_id=node_id,
+                    membership=StaticMembership(ids),
+                    min_rebuild_interval=env.config.min_rebuild_interval,
+                )
             )
             for node_id in ids
         ]
@@ -345,9 +407,10 @@ async def _embedded_nodes(env: _Env) -> AsyncIterator[Callable[[], Awaitable[Tal
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVE_READY = "ready"
-NODE_HANDOFF = 10.0
-"""Seconds a sidecar keeps serving roots it lost in a view change (``actors.Node(handoff=...)`` default)."""
 """The sidecar prints one line containing this word (and its metrics address) once it serves."""
+NODE_HANDOFF = 3.0 + 2 * 1.0
+"""Seconds a sidecar keeps serving roots it lost in a view change: ``run.py serve`` sets the Node's
+``handoff`` to ``--ttl`` + 2 x ``--heartbeat`` (defaults 3 and 1)."""
 
 
 @contextlib.asynccontextmanager
@@ -390,6 +453,7 @@ def _serve_argv(env: _Env, node_id: str) -> list[str]:
         sys.executable, str(PROJECT_ROOT / "run.py"), "serve", "--redis", str(config.redis),
         "--postgres", str(config.postgres), "--namespace", env.namespace, "--schema", env.schema,
         "--node-id", node_id, "--membership", "redis", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+        "--min-rebuild-interval", str(config.min_rebuild_interval),
     ]  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,17 @@ import msgspec
 
 from ._checker import CheckReport
 
-__all__ = ("StrategyResult", "format_report", "format_table", "write_chart", "write_json")
+__all__ = (
+    "StrategyResult",
+    "StrategySummary",
+    "format_report",
+    "format_summary",
+    "format_table",
+    "representative",
+    "summarize",
+    "write_chart",
+    "write_json",
+)
 
 
 class StrategyResult(msgspec.Struct):
@@ -77,6 +88,88 @@ def format_table(rows: Sequence[StrategyResult]) -> str:
     rule = "  ".join("-" * w for w in widths)
     rendered = [_align(line, widths) for line in cells]
     return "\n".join([rendered[0], rule, *rendered[1:]])
+
+
+class StrategySummary(msgspec.Struct):
+    """One strategy over every round of a run: medians, the throughput range, and ratios of medians."""
+
+    strategy: str
+    runs: int
+    updates_per_s: float  # median over the rounds
+    updates_per_s_min: float
+    updates_per_s_max: float
+    vs_none: float | None  # median updates/s over none's median (None if none did not run)
+    vs_cas: float | None
+    rebuilds_per_update: float  # median
+    lag_p99: float | None  # median of the rounds' p99s
+    regressions: int  # G1, G2, G3: summed over the rounds
+    torn: int
+    stale: int
+
+
+def summarize(rows: Sequence[StrategyResult]) -> list[StrategySummary]:
+    """Per strategy (in first-seen order), the medians over its rounds and ratios to none's and cas's."""
+    by_name: dict[str, list[StrategyResult]] = {}
+    for row in rows:
+        by_name.setdefault(row.strategy, []).append(row)
+    medians = {name: statistics.median(r.updates_per_s for r in runs) for name, runs in by_name.items()}
+
+    def ratio(name: str, base: str) -> float | None:
+        baseline = medians.get(base)
+        return medians[name] / baseline if baseline else None
+
+    summaries = []
+    for name, runs in by_name.items():
+        p99s = [r.check.lag_p99 for r in runs if r.check.lag_p99 is not None]
+        summaries.append(
+            StrategySummary(
+                strategy=name,
+                runs=len(runs),
+                updates_per_s=medians[name],
+                updates_per_s_min=min(r.updates_per_s for r in runs),
+                updates_per_s_max=max(r.updates_per_s for r in runs),
+                vs_none=ratio(name, "none"),
+                vs_cas=ratio(name, "cas"),
+                rebuilds_per_update=statistics.median(r.rebuilds_per_update for r in runs),
+                lag_p99=statistics.median(p99s) if p99s else None,
+                regressions=sum(r.check.regressions for r in runs),
+                torn=sum(r.check.torn for r in runs),
+                stale=sum(r.check.stale for r in runs),
+            )
+        )
+    return summaries
+
+
+def representative(rows: Sequence[StrategyResult]) -> list[StrategyResult]:
+    """Each strategy's median-throughput round (the lower middle one for an even count), for the chart."""
+    by_name: dict[str, list[StrategyResult]] = {}
+    for row in rows:
+        by_name.setdefault(row.strategy, []).append(row)
+    return [sorted(runs, key=lambda r: r.updates_per_s)[(len(runs) - 1) // 2] for runs in by_name.values()]
+
+
+_SUMMARY_COLUMNS: tuple[tuple[str, Callable[[StrategySummary], str]], ...] = (
+    ("strategy", lambda s: s.strategy),
+    ("runs", lambda s: str(s.runs)),
+    ("updates/s median", lambda s: f"{s.updates_per_s:.0f}"),
+    ("range", lambda s: f"{s.updates_per_s_min:.0f}-{s.updates_per_s_max:.0f}"),
+    ("x none", lambda s: "-" if s.vs_none is None else f"{s.vs_none:.2f}"),
+    ("x cas", lambda s: "-" if s.vs_cas is None else f"{s.vs_cas:.2f}"),
+    ("rebuilds/upd", lambda s: f"{s.rebuilds_per_update:.3f}"),
+    ("lag p99 median", lambda s: _ms(s.lag_p99)),
+    ("G1+G2+G3", lambda s: f"{s.regressions}+{s.torn}+{s.stale}"),
+)
+
+
+def format_summary(rows: Sequence[StrategyResult]) -> str:
+    """The medians table over rounds: throughput (median and range), ratios of medians, rebuilds, lag."""
+    summaries = summarize(rows)
+    cells = [[name for name, _ in _SUMMARY_COLUMNS]] + [
+        [cell(s) for _, cell in _SUMMARY_COLUMNS] for s in summaries
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(_SUMMARY_COLUMNS))]
+    rendered = [_align(line, widths) for line in cells]
+    return "\n".join([rendered[0], "  ".join("-" * w for w in widths), *rendered[1:]])
 
 
 def _align(line: list[str], widths: list[int]) -> str:

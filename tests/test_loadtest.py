@@ -136,6 +136,8 @@ def test_ctrl_c_stops_with_a_partial_report(tmp_path: Path) -> None:
         (["--redis", "redis://127.0.0.1:6379/0"], "--redis and --postgres go together"),
         (["--writers", "0"], "--writers must be positive"),
         (["--duration", "0"], "--duration must be > 0"),
+        (["--rounds", "0"], "--rounds must be positive"),
+        (["--min-rebuild-interval", "-0.1"], "--min-rebuild-interval and latencies must be >= 0"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_runs(
@@ -193,3 +195,37 @@ def test_report_json_never_holds_a_password(tmp_path: Path) -> None:
     shown = json.loads(text)["config"]
     assert shown["redis"] == "redis://user:***@127.0.0.1:6379/0"
     assert shown["postgres"] == "postgresql://postgres:***@127.0.0.1:5432/postgres"
+
+
+def test_strategy_list_with_rounds_runs_those_round_robin_and_summarizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--strategy none,cas --rounds 2`` runs none, cas, none, cas, and adds a table of medians."""
+    assert loadtest(["--strategy", "none,cas", "--rounds", "2", *SMOKE, "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "report.json").read_bytes())
+    assert [row["strategy"] for row in payload["results"]] == ["none", "cas", "none", "cas"]
+    assert [(row["strategy"], row["runs"]) for row in payload["summary"]] == [("none", 2), ("cas", 2)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cas-1", "cas-2", "none-1", "none-2"]
+    assert "medians over 2 rounds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["cas,bogus", "cas,cas", ""])
+def test_strategy_list_refuses_unknown_or_repeated_names(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown or repeated strategy name is a usage error (exit 2) that lists the known names."""
+    with pytest.raises(SystemExit) as exited:
+        loadtest(["--strategy", value])
+    assert exited.value.code == 2
+    assert "actor, cas, naive, checkset, lock, none" in capsys.readouterr().err
+
+
+def test_min_rebuild_interval_reaches_the_config() -> None:
+    """--min-rebuild-interval is the actor nodes' pacing in the run's config (and the sidecars' flag)."""
+    parser = argparse.ArgumentParser()
+    _loadtest.add_arguments(parser)
+    config = _loadtest.config_from_args(parser.parse_args(["--min-rebuild-interval", "0.25"]))
+    assert config.min_rebuild_interval == 0.25
+    env = _loadtest._Env(config, store=None, cache=None, namespace="ns", schema="sc")  # type: ignore[arg-type]
+    argv = _loadtest._serve_argv(env, "node-0")
+    assert argv[argv.index("--min-rebuild-interval") + 1] == "0.25"

@@ -19,8 +19,10 @@ from harness import (
     Violation,
     check,
     format_report,
+    format_summary,
     format_table,
     graph_hash,
+    summarize,
     write_chart,
     write_json,
 )
@@ -87,6 +89,42 @@ def test_table_shows_a_dash_for_a_missing_lag() -> None:
     """A strategy whose commits were never seen has no percentiles: shown as '-'."""
     row = format_table([a_result("none", check=a_report(lag_p50=None, lag_p95=None, lag_p99=None))])
     assert row.splitlines()[2].split()[9:12] == ["-", "-", "-"]
+
+
+def test_summary_takes_medians_over_rounds_and_ratios_of_medians() -> None:
+    """Three rounds each: median and range of updates/s, ratios of the medians to none and cas, the
+    median p99, and G1-G3 summed over every round (one bad round is not hidden by the median)."""
+    rows = [
+        a_result("actor", updates_per_s=900.0, check=a_report(lag_p99=0.2)),
+        a_result("cas", updates_per_s=700.0),
+        a_result("none", updates_per_s=1000.0, check=a_report(lag_p99=None)),
+        a_result("actor", updates_per_s=1100.0, check=a_report(lag_p99=0.3, torn=1)),
+        a_result("cas", updates_per_s=800.0),
+        a_result("none", updates_per_s=1200.0, check=a_report(lag_p99=None)),
+        a_result("actor", updates_per_s=1000.0, check=a_report(lag_p99=0.1)),
+        a_result("cas", updates_per_s=750.0),
+        a_result("none", updates_per_s=1100.0, check=a_report(lag_p99=None)),
+    ]
+    actor, cas, none = summarize(rows)
+    assert (actor.strategy, actor.runs, actor.updates_per_s) == ("actor", 3, 1000.0)
+    assert (actor.updates_per_s_min, actor.updates_per_s_max) == (900.0, 1100.0)
+    assert actor.vs_none == pytest.approx(1000 / 1100)
+    assert actor.vs_cas == pytest.approx(1000 / 750)
+    assert actor.lag_p99 == pytest.approx(0.2)
+    assert (actor.regressions, actor.torn, actor.stale) == (0, 1, 0)
+    assert none.lag_p99 is None
+    assert cas.vs_cas == 1.0
+    lines = format_summary(rows).splitlines()
+    assert lines[2].split() == ["actor", "3", "1000", "900-1100", "0.91", "1.33", "0.050", "200.0ms", "0+1+0"]
+    assert lines[4].split()[7] == "-"
+
+
+def test_summary_without_a_baseline_shows_dashes() -> None:
+    """Ratios need the baseline strategy in the run: without none or cas they are absent."""
+    (only,) = summarize([a_result("actor")])
+    assert only.vs_none is None
+    assert only.vs_cas is None
+    assert format_summary([a_result("actor")]).splitlines()[2].split()[4:6] == ["-", "-"]
 
 
 def test_format_report_names_the_verdict_and_each_example() -> None:
