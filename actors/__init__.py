@@ -15,13 +15,13 @@ from ._node import Consistency, Node
 from ._ring import EmptyRing, InvalidNodeId, InvalidRingConfig, Ring
 from ._stats import ActorStatistics, HistogramSnapshot, NodeStatistics
 
-__all__ = (
-    "DEFAULT_MIN_REBUILD_INTERVAL",
+__all__ = (  # noqa: RUF022  (plain sorted order, as tests/test_all_attributes.py checks)
     "ActorDead",
     "ActorError",
     "ActorStatistics",
     "Changed",
     "Consistency",
+    "DEFAULT_MIN_REBUILD_INTERVAL",
     "EmptyRing",
     "HistogramSnapshot",
     "InvalidArgument",
