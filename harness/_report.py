@@ -83,11 +83,7 @@ _COLUMNS: tuple[_Column, ...] = (
 
 def format_table(rows: Sequence[StrategyResult]) -> str:
     """The compare table: one line per strategy, columns aligned (text left, numbers right)."""
-    cells = [[name for name, _ in _COLUMNS]] + [[cell(row) for _, cell in _COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
-    rule = "  ".join("-" * w for w in widths)
-    rendered = [_align(line, widths) for line in cells]
-    return "\n".join([rendered[0], rule, *rendered[1:]])
+    return _render([[name for name, _ in _COLUMNS]] + [[cell(row) for _, cell in _COLUMNS] for row in rows])
 
 
 class StrategySummary(msgspec.Struct):
@@ -163,11 +159,13 @@ _SUMMARY_COLUMNS: tuple[tuple[str, Callable[[StrategySummary], str]], ...] = (
 
 def format_summary(rows: Sequence[StrategyResult]) -> str:
     """The medians table over rounds: throughput (median and range), ratios of medians, rebuilds, lag."""
-    summaries = summarize(rows)
-    cells = [[name for name, _ in _SUMMARY_COLUMNS]] + [
-        [cell(s) for _, cell in _SUMMARY_COLUMNS] for s in summaries
-    ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(_SUMMARY_COLUMNS))]
+    header = [name for name, _ in _SUMMARY_COLUMNS]
+    return _render([header] + [[cell(s) for _, cell in _SUMMARY_COLUMNS] for s in summarize(rows)])
+
+
+def _render(cells: list[list[str]]) -> str:
+    """A header line, a rule, then the rows: columns as wide as their widest cell, numbers right-aligned."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     rendered = [_align(line, widths) for line in cells]
     return "\n".join([rendered[0], "  ".join("-" * w for w in widths), *rendered[1:]])
 
