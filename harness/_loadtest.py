@@ -408,9 +408,11 @@ async def _embedded_nodes(env: _Env) -> AsyncIterator[Callable[[], Awaitable[Tal
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVE_READY = "ready"
 """The sidecar prints one line containing this word (and its metrics address) once it serves."""
-NODE_HANDOFF = 3.0 + 2 * 1.0
+NODE_TTL, NODE_HEARTBEAT = 3.0, 1.0
+"""The sidecars' membership ``--ttl`` and ``--heartbeat``, passed on their command line."""
+NODE_HANDOFF = NODE_TTL + 2 * NODE_HEARTBEAT
 """Seconds a sidecar keeps serving roots it lost in a view change: ``run.py serve`` sets the Node's
-``handoff`` to ``--ttl`` + 2 x ``--heartbeat`` (defaults 3 and 1)."""
+``handoff`` to ``--ttl`` + 2 x ``--heartbeat``."""
 
 
 @contextlib.asynccontextmanager
@@ -453,7 +455,8 @@ def _serve_argv(env: _Env, node_id: str) -> list[str]:
         sys.executable, str(PROJECT_ROOT / "run.py"), "serve", "--redis", str(config.redis),
         "--postgres", str(config.postgres), "--namespace", env.namespace, "--schema", env.schema,
         "--node-id", node_id, "--membership", "redis", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-        "--min-rebuild-interval", str(config.min_rebuild_interval),
+        "--min-rebuild-interval", str(config.min_rebuild_interval), "--ttl", str(NODE_TTL),
+        "--heartbeat", str(NODE_HEARTBEAT),
     ]  # fmt: skip
 
 
