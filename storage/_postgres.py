@@ -1,8 +1,10 @@
 """``PostgresStore``: the source of truth on PostgreSQL (asyncpg), with a transactional outbox feed.
 
-``apply`` runs one READ COMMITTED transaction: lock the root row (``SELECT ... FOR UPDATE``), read the
-graph's structure *after* the lock (so it is the latest committed one), check the expected versions and
-the ops, then one statement deletes, upserts, bumps the version, writes the outbox row and NOTIFYs.
+``apply`` runs one READ COMMITTED transaction: one round trip locks the root row (``SELECT ... FOR
+UPDATE``) and reads the graph's structure *after* the lock (``lock_structure``, whose second statement
+takes a fresh snapshot, so it is the latest committed one), then the expected versions and the ops are
+checked here, and one statement deletes, upserts, bumps the version, writes the outbox row and NOTIFYs.
+The root's lock is held from the first round trip to COMMIT: two round trips, not three.
 ``load`` reads the version and the nodes in one statement (one snapshot, one round trip), or runs the
 service's ``loader`` inside a REPEATABLE READ READ ONLY transaction. asyncpg / OS errors become
 ``StoreUnavailable`` / ``StoreError`` in ``_seam`` and nowhere else. Every wait is bounded by
@@ -274,16 +276,20 @@ class PostgresStore:
         sql = self._sql
         with self._seam():
             async with self._pool.acquire() as conn, conn.transaction():
-                current = await conn.fetchval(sql.lock_root, root_id)
-                if current is None:
+                rows = await conn.fetch(sql.lock_structure, root_id)
+                if not rows:
                     raise RootNotFound(f"root {root_id!r} not found")
+                current: int = rows[0]["root_version"]
                 if expected is not None and expected != current:
                     raise ConcurrencyConflict(
                         f"root {root_id!r} is at version {current}, expected {expected};"
                         " nothing was committed"
                     )
-                rows = await conn.fetch(sql.structure, root_id)
-                structure = {row["id"]: RowInfo(row["parent_id"], row["row_version"]) for row in rows}
+                structure = {
+                    row["node_id"]: RowInfo(row["node_parent_id"], row["node_row_version"])
+                    for row in rows
+                    if row["node_id"] is not None
+                }
                 plan = plan_apply(root_id, structure, checked)
                 version: int = current + 1
                 ids = list(plan.upserts)

@@ -8,6 +8,8 @@ Layout (``{s}`` is the store's schema, quoted):
     {s}.nodes  (root_id, id, parent_id, data jsonb, row_version)   PK (root_id, id)
     {s}.outbox (id, xid, root_id, version, committed_at)           the change feed, pruned after retention
     {s}.bump_root(root_id), {s}.track_change()      the triggers of ``install_change_tracking``
+    {s}.lock_structure(root_id)                     apply's first step: lock the root, then read its
+                                                    structure in a fresh snapshot (one round trip)
 
 ``outbox.xid`` is the writing transaction's id (``pg_current_xact_id()``); the feed uses it with snapshot
 xmin/xip to deliver a row whose transaction committed late (see ``_feed.py``). Migrations run under a
@@ -24,7 +26,7 @@ from ._errors import InvalidOperation, StoreError
 
 __all__ = ("SCHEMA_VERSION", "Sql", "channel_name", "migrate", "quote_ident", "quote_table")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 _MIGRATIONS: dict[int, str] = {
@@ -89,6 +91,28 @@ BEGIN
 END
 $fn$;
 """,
+    # apply's lock and structure read in one round trip: the root row's lock is held from here to COMMIT,
+    # so every round trip after it lengthens the queue of writers waiting for a hot root.
+    2: """
+CREATE FUNCTION {s}.lock_structure(rid text)
+RETURNS TABLE (root_version bigint, node_id text, node_parent_id text, node_row_version bigint)
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    locked bigint;
+BEGIN
+    SELECT r.version INTO locked FROM {s}.roots AS r WHERE r.root_id = rid FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- A VOLATILE function's next statement takes a fresh snapshot (READ COMMITTED), so it sees the
+    -- structure exactly as the lock's previous holder committed it, never the one from before the wait.
+    RETURN QUERY
+        SELECT locked, NULL::text, NULL::text, NULL::bigint
+        UNION ALL
+        SELECT locked, n.id, n.parent_id, n.row_version FROM {s}.nodes AS n WHERE n.root_id = rid;
+END
+$fn$;
+""",
 }
 
 
@@ -126,8 +150,7 @@ class Sql:
         self.schema = s
         self.channel = channel_name(schema)
         self.feed_name = f"graphcache feed {schema}"[:63]  # application_name of feed connections
-        self.lock_root = f"SELECT version FROM {s}.roots WHERE root_id = $1 FOR UPDATE"
-        self.structure = f"SELECT id, parent_id, row_version FROM {s}.nodes WHERE root_id = $1"
+        self.lock_structure = f"SELECT * FROM {s}.lock_structure($1)"
         self.write = f"""
 WITH gone AS (
     DELETE FROM {s}.nodes WHERE root_id = $1 AND id = ANY($2::text[])

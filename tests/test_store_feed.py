@@ -15,6 +15,7 @@ import pytest
 
 from storage import Change, PostgresStore, StoreUnavailable, Upsert
 from storage._postgres import _poll_upper_bound
+from storage._schema import SCHEMA_VERSION
 from tests.test_store_contract import collect_until, writer_on_own_root
 
 pytestmark = pytest.mark.anyio
@@ -163,6 +164,46 @@ async def test_a_transaction_that_commits_late_is_still_delivered(
         assert ("late", 2) in {(c.root_id, c.version) for c in await read_until(resumed, "late", 2)}
 
 
+async def test_apply_that_waited_for_the_root_lock_plans_on_what_its_holder_committed(
+    connect: Connect, raw: asyncpg.Connection, pg_schema: str
+) -> None:
+    """apply locks the root and reads the structure in one round trip; after waiting for the lock it
+    still sees the holder's committed rows (a new parent, a bumped row version), not its older snapshot."""
+    store = await connect()
+    await store.create_root("r", {})
+    await store.apply("r", [Upsert("c", "r", {"n": 0})])  # r at 2, c at row version 1
+    s = f'"{pg_schema}"'
+    holder = raw.transaction()
+    await holder.start()
+    await raw.execute(f"SELECT version FROM {s}.roots WHERE root_id = 'r' FOR UPDATE")
+    await raw.execute(f"UPDATE {s}.nodes SET row_version = 2 WHERE root_id = 'r' AND id = 'c'")
+    await raw.execute(
+        f"INSERT INTO {s}.nodes (root_id, id, parent_id, data, row_version) VALUES ('r', 'd', 'r', '{{}}', 1)"
+    )
+    await raw.execute(f"UPDATE {s}.roots SET version = 3 WHERE root_id = 'r'")
+    ops = [Upsert("c", "r", {"n": 1}, expected_row_version=2), Upsert("e", "d", {})]
+    result: list[int] = []
+
+    async def waiting_apply() -> None:
+        result.append(await store.apply("r", ops))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(waiting_apply)
+        with anyio.fail_after(10):  # the server reports the apply as waiting for the holder's lock
+            while not await raw.fetchval(  # noqa: ASYNC110  (server state, polled under a deadline)
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE"
+                " '%lock_structure%'"
+            ):
+                await anyio.sleep(0.01)
+        assert result == [], "apply went ahead while the root was locked"
+        await holder.commit()
+    assert result == [4]
+    graph = await store.load("r")
+    assert graph.version == 4
+    assert (graph.nodes["c"].row_version, graph.nodes["c"].data) == (3, {"n": 1})
+    assert graph.nodes["e"].parent_id == "d"
+
+
 async def test_resuming_delivers_exactly_the_rows_from_the_cursor_on(
     connect: Connect, raw: asyncpg.Connection, pg_schema: str
 ) -> None:
@@ -212,7 +253,7 @@ async def test_concurrent_connects_migrate_the_schema_once(
             group.start_soon(open_one)
     assert len(stores) == 6
     levels = await raw.fetch(f'SELECT version FROM "{pg_schema}".schema_version')
-    assert [tuple(row) for row in levels] == [(1,)]
+    assert [tuple(row) for row in levels] == [(SCHEMA_VERSION,)]
     await stores[0].create_root("r", {})
     assert [await store.version("r") for store in stores] == [1] * 6
 
