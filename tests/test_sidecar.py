@@ -14,6 +14,7 @@ import pytest
 
 import run
 from actors import graph_key
+from actors._sidecar import _feed_min_poll_interval
 from cache import RedisCache
 from storage import Graph, PostgresStore, Upsert
 from tests._sidecar_procs import ROOT_DIR, Servers, http_get, serve_command, sidecar
@@ -52,6 +53,14 @@ def test_help_names_every_option_and_its_environment_variable() -> None:
         assert flag in text
         assert f"[env GRAPHCACHE_{env}]" in text
     assert "(default: 3.0)" in text
+
+
+def test_the_feed_is_read_at_half_the_rebuild_pacing_within_bounds() -> None:
+    """The sidecar's store spaces feed polls by half --min-rebuild-interval, 10 ms to 250 ms."""
+    assert _feed_min_poll_interval(0.1) == pytest.approx(0.05)
+    assert _feed_min_poll_interval(0.3) == pytest.approx(0.15)
+    assert _feed_min_poll_interval(0.0) == pytest.approx(0.01)  # no pacing: the store's own default
+    assert _feed_min_poll_interval(5.0) == pytest.approx(0.25)  # never slower than an idle feed's poll
 
 
 def test_environment_variables_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
