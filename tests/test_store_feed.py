@@ -258,6 +258,22 @@ async def test_concurrent_connects_migrate_the_schema_once(
     assert [await store.version("r") for store in stores] == [1] * 6
 
 
+async def test_a_version_1_schema_is_upgraded_on_connect(
+    connect: Connect, raw: asyncpg.Connection, pg_schema: str
+) -> None:
+    """A schema left at version 1 (no lock_structure) gets it on the next connect, data untouched."""
+    old = await connect()
+    await old.create_root("r", {"kept": True})
+    await old.aclose()
+    s = f'"{pg_schema}"'
+    await raw.execute(f"DROP FUNCTION {s}.lock_structure(text)")
+    await raw.execute(f"UPDATE {s}.schema_version SET version = 1")
+    store = await connect()
+    assert await raw.fetchval(f"SELECT version FROM {s}.schema_version") == SCHEMA_VERSION
+    assert await store.apply("r", [Upsert("c", "r", {})]) == 2
+    assert (await store.load("r")).nodes["r"].data == {"kept": True}
+
+
 async def test_repr_shows_live_state(connect: Connect, pg_schema: str) -> None:
     """The store's and the feed's repr show address, schema, pool, feeds and listening state."""
     store = await connect(listen=False)
