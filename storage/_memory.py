@@ -30,6 +30,7 @@ from ._validate import (
     check_data,
     check_expected,
     check_id,
+    check_ids,
     check_ops,
     check_positive_int,
     plan_apply,
@@ -145,13 +146,17 @@ class MemoryStore:
         check_id(root_id, name="root_id")
         await self._io()
         snapshot = self._root(root_id).committed
-        version = snapshot.version
         await self._io()  # a writer may commit here; the snapshot we hold is unaffected
-        nodes = {
-            node_id: Node(node_id, row.parent_id, _json_decoder.decode(row.data_json), row.row_version)
-            for node_id, row in snapshot.rows.items()
-        }
-        return Graph(root_id, version, nodes)
+        return _graph(root_id, snapshot)
+
+    async def load_many(self, root_ids: Sequence[str]) -> dict[str, Graph]:
+        """Each root's graph from one consistent snapshot of them all; unknown roots are left out."""
+        ids = check_ids(root_ids)
+        await self._io()
+        self._check_open()
+        snapshots = [(root_id, root.committed) for root_id in ids if (root := self._roots.get(root_id))]
+        await self._io()  # a writer may commit here; the snapshots we hold are unaffected
+        return {root_id: _graph(root_id, snapshot) for root_id, snapshot in snapshots}
 
     async def version(self, root_id: str) -> int:
         """The root's committed version."""
@@ -262,3 +267,11 @@ def _check_latency(latency: object) -> tuple[float, float] | None:
     if not 0 <= low <= high:
         raise InvalidOperation(f"latency must satisfy 0 <= min_s <= max_s, got {latency!r}")
     return (float(low), float(high))
+
+
+def _graph(root_id: str, snapshot: _Committed) -> Graph:
+    nodes = {
+        node_id: Node(node_id, row.parent_id, _json_decoder.decode(row.data_json), row.row_version)
+        for node_id, row in snapshot.rows.items()
+    }
+    return Graph(root_id, snapshot.version, nodes)

@@ -43,6 +43,7 @@ from ._validate import (
     check_data,
     check_expected,
     check_id,
+    check_ids,
     check_ops,
     check_positive_int,
     plan_apply,
@@ -323,6 +324,50 @@ class PostgresStore:
             if row["id"] is not None
         }
         return Graph(root_id, rows[0]["version"], nodes)
+
+    async def load_many(self, root_ids: Sequence[str]) -> dict[str, Graph]:
+        """Each root's graph; unknown roots are left out.
+
+        The default reads them all in one statement (one snapshot, one round trip); a custom ``loader``
+        loads each root in its own REPEATABLE READ transaction.
+        """
+        ids = check_ids(root_ids)
+        if not ids:
+            return {}
+        if self._loader is not None:
+            return await self._load_many_with_loader(ids, self._loader)
+        with self._seam():
+            rows = await self._pool.fetch(self._sql.graphs, ids)
+        versions: dict[str, int] = {}
+        nodes: dict[str, dict[str, Node]] = {}
+        for row in rows:
+            root_id = row["root_id"]
+            if root_id not in versions:
+                versions[root_id] = row["version"]
+                nodes[root_id] = {}
+            node_id = row["id"]
+            if node_id is not None:
+                nodes[root_id][node_id] = Node(node_id, row["parent_id"], row["data"], row["row_version"])
+        return {root_id: Graph(root_id, version, nodes[root_id]) for root_id, version in versions.items()}
+
+    async def _load_many_with_loader(self, ids: list[str], loader: Loader) -> dict[str, Graph]:
+        graphs: dict[str, Graph] = {}
+        errors: list[Exception] = []
+
+        async def one(root_id: str) -> None:
+            try:
+                graphs[root_id] = await self._load_with_loader(root_id, loader)
+            except RootNotFound:
+                pass
+            except Exception as exc:  # re-raised below as itself, not as an ExceptionGroup
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for root_id in ids:
+                tg.start_soon(one, root_id)
+        if errors:
+            raise errors[0]
+        return {root_id: graphs[root_id] for root_id in ids if root_id in graphs}
 
     async def _load_with_loader(self, root_id: str, loader: Loader) -> Graph:
         with self._seam():

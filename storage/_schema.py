@@ -184,6 +184,13 @@ SELECT count(*) AS created, pg_notify($3, '') FROM made"""
             f"SELECT r.version, n.id, n.parent_id, n.data, n.row_version FROM {s}.roots AS r"
             f" LEFT JOIN {s}.nodes AS n ON n.root_id = r.root_id WHERE r.root_id = $1"
         )
+        # Driven by unnest, the planner looks each root up by index; "root_id = ANY($1)" made it hash
+        # every row of nodes once a batch had more than a few roots.
+        self.graphs = (
+            f"SELECT r.root_id, r.version, n.id, n.parent_id, n.data, n.row_version"
+            f" FROM unnest($1::text[]) AS u(root_id) JOIN {s}.roots AS r ON r.root_id = u.root_id"
+            f" LEFT JOIN {s}.nodes AS n ON n.root_id = r.root_id"
+        )
         self.poll = f"""
 WITH snap AS MATERIALIZED (  -- once, not once per row
     SELECT pg_snapshot_xmin(c)::text::bigint AS xmin,

@@ -28,6 +28,7 @@ __all__ = (
     "check_data",
     "check_expected",
     "check_id",
+    "check_ids",
     "check_ops",
     "check_positive_int",
     "plan_apply",
@@ -86,6 +87,13 @@ def check_id(value: object, *, name: str = "id") -> str:
     if size > MAX_ID_BYTES:
         raise InvalidOperation(f"{name} is {size} UTF-8 bytes, the limit is {MAX_ID_BYTES}")
     return value
+
+
+def check_ids(value: object, *, name: str = "root_ids") -> list[str]:
+    """Return ``value`` as a list of distinct ids (first one kept) if every item passes ``check_id``."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise InvalidOperation(f"{name} must be a sequence of str, not {type(value).__name__}")
+    return list(dict.fromkeys(check_id(item, name=f"{name}[{index}]") for index, item in enumerate(value)))
 
 
 def check_positive_int(value: object, *, name: str) -> int:

@@ -272,6 +272,70 @@ async def test_no_torn_reads_under_concurrent_writers(store: Store) -> None:
         assert versions == sorted(versions)
 
 
+async def test_load_many_returns_what_load_returns_and_leaves_unknown_roots_out(store: Store) -> None:
+    """load_many gives each known root's graph as load does; unknown and repeated ids cost nothing."""
+    for root_id in ("a", "b", "c"):
+        await make_counter_graph(store, root_id, children=3)
+    await store.apply("b", [Upsert("c0", "b", {"n": 5}), Delete("c2")])
+    graphs = await store.load_many(["b", "ghost", "a", "b"])
+    assert list(graphs) == ["b", "a"]
+    assert graphs == {"a": await store.load("a"), "b": await store.load("b")}
+    assert graphs["b"].version == 3
+    assert set(graphs["b"].nodes) == {"b", "c0", "c1"}
+    assert await store.load_many([]) == {}
+    assert await store.load_many(("ghost",)) == {}
+
+
+@pytest.mark.parametrize("root_ids", ["ab", b"ab", None, 5, {"a"}, ["a", ""], ["a", 5], ["x" * 600]])
+async def test_load_many_refuses_bad_input(store: Store, root_ids: Any) -> None:
+    """load_many wants a sequence (not a str) of valid root ids; anything else is InvalidOperation."""
+    await store.create_root("a", {})
+    with pytest.raises(InvalidOperation):
+        await store.load_many(root_ids)
+
+
+async def test_load_many_reads_one_snapshot_of_all_its_roots(store: Store) -> None:
+    """Writers commit to "a" and then to "b"; no load_many([a, b]) ever sees b ahead of a, nor a torn graph.
+
+    Loading the roots one after another would: "a" read before a commit, "b" read after the next one.
+    """
+    base = {root_id: await make_counter_graph(store, root_id, children=5) for root_id in ("a", "b")}
+    done = anyio.Event()
+    seen: list[dict[str, Graph]] = []
+
+    async def writer() -> None:
+        for step in range(40):
+            for root_id in ("a", "b"):
+                await store.apply(root_id, [Upsert(f"c{step % 5}", root_id, {"n": step // 5 + 1})])
+
+    async def loader() -> None:
+        while not done.is_set():
+            seen.append(await store.load_many(["a", "b"]))
+
+    async with anyio.create_task_group() as loaders:
+        for _ in range(8):
+            loaders.start_soon(loader)
+        await writer()
+        done.set()
+    assert len(seen) >= 8
+    ahead = [g for g in seen if g["b"].version - base["b"] > g["a"].version - base["a"]]
+    assert not ahead, (
+        f"{len(ahead)} loads saw b ahead of a, e.g. {ahead[0]['a'].version, ahead[0]['b'].version}"
+    )
+    for graphs in seen:
+        for root_id, graph in graphs.items():
+            values = [graph.nodes[f"c{index}"].data["n"] for index in range(5)]
+            assert values == _replay(graph.version - base[root_id]), f"torn graph of {root_id!r}"
+
+
+def _replay(steps: int) -> list[int]:
+    """The children's counters after the writer's first ``steps`` applies to one root."""
+    values = [0] * 5
+    for step in range(steps):
+        values[step % 5] = step // 5 + 1
+    return values
+
+
 async def test_feed_delivers_every_roots_latest_version_in_increasing_order(store: Store) -> None:
     """After a burst of concurrent commits, per root the feed reaches the committed version, increasing."""
     feed = store.changes(after=await store.cursor())

@@ -116,6 +116,18 @@ async def test_loader_builds_the_graph_with_the_snapshot_version(shop: Any, pg_s
         await store.load("o9")
 
 
+async def test_load_many_runs_the_loader_for_each_root(shop: Any, pg_schema: str) -> None:
+    """With a loader, load_many gives what load gives for each root and leaves unknown roots out."""
+    store, conn = shop
+    await place_order(conn, pg_schema, "o1", lines=2)
+    await place_order(conn, pg_schema, "o2", lines=1)
+    await conn.execute(f"UPDATE \"{pg_schema}\".order_lines SET qty = 3 WHERE order_id = 'o2'")
+    graphs = await store.load_many(["o2", "o9", "o1"])
+    assert list(graphs) == ["o2", "o1"]
+    assert graphs == {"o1": await store.load("o1"), "o2": await store.load("o2")}
+    assert graphs["o2"].version == 2
+
+
 async def test_loader_reads_are_never_torn(shop: Any, pg_schema: str, postgres_dsn: str) -> None:
     """While transactions raise every line's qty together, each load sees equal qtys == version - 1."""
     store, conn = shop
