@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -24,6 +24,7 @@ from ._types import DEFAULT_INVALIDATE_TTL, CacheItem, LockHandle
 from ._validate import (
     DEFAULT_MAX_VALUE_BYTES,
     MAX_VERSION,
+    check_items,
     check_key,
     check_limit,
     check_seconds,
@@ -134,6 +135,21 @@ class MemoryCache:
         expires = self._expiry(check_seconds(ttl, name="ttl"))
         data = encode_value(value, limit=self._max_value_bytes)
         await self._enter()
+        return self._put_if_newer(key, data, version, expires)
+
+    async def put_many_if_newer(
+        self, items: Sequence[tuple[str, Any, int]], *, ttl: float | None = None
+    ) -> list[bool]:
+        """``put_if_newer`` of each ``(key, value, version)`` in order; all checked before any write."""
+        expires = self._expiry(check_seconds(ttl, name="ttl"))
+        encoded = [
+            (key, encode_value(value, limit=self._max_value_bytes), version)
+            for key, value, version in check_items(items)
+        ]
+        await self._enter()
+        return [self._put_if_newer(key, data, version, expires) for key, data, version in encoded]
+
+    def _put_if_newer(self, key: str, data: bytes, version: int, expires: float) -> bool:
         entry = self._item(key)
         if entry is not None and entry.version >= version:
             return False

@@ -20,7 +20,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -43,6 +43,7 @@ from ._errors import (
 from ._types import DEFAULT_INVALIDATE_TTL, CacheItem, LockHandle
 from ._validate import (
     DEFAULT_MAX_VALUE_BYTES,
+    check_items,
     check_key,
     check_limit,
     check_seconds,
@@ -185,6 +186,42 @@ class RedisCache:
         data = encode_value(value, limit=self._max_value_bytes)
         keys = (names.item, names.floor)
         return bool(await self._run(lua.PUT_IF_NEWER, keys, (version, data, ttl_ms)))
+
+    async def put_many_if_newer(
+        self, items: Sequence[tuple[str, Any, int]], *, ttl: float | None = None
+    ) -> list[bool]:
+        """``put_if_newer`` of each ``(key, value, version)`` in order, pipelined in one round trip.
+
+        Every item is checked and encoded before any I/O (a bad one raises and nothing is written);
+        each put is atomic on its own, the batch is not a transaction.
+        """
+        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        calls = []
+        for key, value, version in check_items(items):
+            names = self._names(key)
+            data = encode_value(value, limit=self._max_value_bytes)
+            calls.append(((names.item, names.floor), (version, data, ttl_ms)))
+        if not calls:
+            return []
+        self._check_open()
+        if not self._discovered:
+            await self._discover()
+        async with self._limiter if self._limiter is not None else contextlib.nullcontext():
+            with self._mapped():
+                pipe = self._client.pipeline(transaction=False)
+                for keys, args in calls:
+                    pipe.execute_command("EVALSHA", lua.PUT_IF_NEWER.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+        stored = []
+        for (keys, args), reply in zip(calls, replies, strict=True):
+            answer = reply
+            if isinstance(reply, rex.NoScriptError):  # the server lost its scripts: EVAL loads it again
+                answer = await self._run(lua.PUT_IF_NEWER, keys, args)
+            elif isinstance(reply, Exception):
+                with self._mapped():
+                    raise reply
+            stored.append(bool(answer))
+        return stored
 
     async def add(self, key: str, value: Any, *, ttl: float | None = None) -> int:
         names = self._names(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -44,6 +45,12 @@ class VersionedCache(Protocol):
     async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None: ...
 
     async def put_if_newer(self, key: str, value: Any, version: int, *, ttl: float | None = None) -> bool: ...
+
+    async def put_many_if_newer(
+        self, items: Sequence[tuple[str, Any, int]], *, ttl: float | None = None
+    ) -> list[bool]:
+        """``put_if_newer`` of each ``(key, value, version)`` in order, in one round trip where it can."""
+        ...
 
     async def add(self, key: str, value: Any, *, ttl: float | None = None) -> int: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -38,6 +39,19 @@ def check_version(version: object, *, name: str = "version") -> int:
     if not 0 <= version <= MAX_VERSION:
         raise InvalidVersion(f"{name} must be in 0..2**63-1, got {version}")
     return version
+
+
+def check_items(items: object) -> list[tuple[str, Any, int]]:
+    """Return ``items`` if it is a sequence of ``(key, value, version)`` with a valid key and version."""
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise InvalidValue(f"items must be a sequence of (key, value, version), not {type(items).__name__}")
+    checked = []
+    for index, item in enumerate(items):
+        if not isinstance(item, tuple) or len(item) != 3:
+            raise InvalidValue(f"items[{index}] must be a (key, value, version) tuple, not {item!r:.80}")
+        key, value, version = item
+        checked.append((check_key(key), value, check_version(version, name=f"items[{index}] version")))
+    return checked
 
 
 def check_seconds(value: object, *, name: str, allow_none: bool = True) -> float | None:

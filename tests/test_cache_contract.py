@@ -79,6 +79,30 @@ async def test_put_if_newer_refuses_equal_and_older_versions(cache: VersionedCac
     assert await cache.get("k") == CacheItem("k", "v6", 6)
 
 
+async def test_put_many_if_newer_puts_each_item_as_put_if_newer_would(cache: VersionedCache) -> None:
+    """Each (key, value, version) is stored only if newer than the stored item and above the key's floor,
+    in order, so a later item of the same batch sees an earlier one."""
+    await cache.put_if_newer("a", "a5", 5)
+    await cache.invalidate("c", 4)
+    items = [
+        ("a", "a4", 4),
+        ("b", "b1", 1),
+        ("c", "c4", 4),
+        ("a", "a6", 6),
+        ("b", "b1 again", 1),
+        ("c", "c5", 5),
+    ]
+    assert await cache.put_many_if_newer(items) == [False, True, False, True, False, True]
+    assert [await cache.get(key) for key in "abc"] == [
+        CacheItem("a", "a6", 6),
+        CacheItem("b", "b1", 1),
+        CacheItem("c", "c5", 5),
+    ]
+    assert await cache.put_many_if_newer([]) == []
+    assert await cache.put_many_if_newer((("d", Point(1, 2), MAX),)) == [True]
+    assert await cache.get("d", type=Point) == CacheItem("d", Point(1, 2), MAX)
+
+
 async def test_get_if_newer_returns_the_item_only_when_strictly_newer(cache: VersionedCache) -> None:
     """get_if_newer(k, v) is the item when its version > v, else None."""
     await cache.put_if_newer("k", "x", 7)
@@ -470,6 +494,7 @@ def _key_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
         lambda c: c.get(bad),
         lambda c: c.get_if_newer(bad, 1),
         lambda c: c.put_if_newer(bad, "v", 1),
+        lambda c: c.put_many_if_newer([("other", "v", 1), (bad, "v", 1)]),
         lambda c: c.add(bad, "v"),
         lambda c: c.insert(bad, "v"),
         lambda c: c.remove(bad),
@@ -482,6 +507,7 @@ def _version_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]
     calls: list[Callable[[VersionedCache], Awaitable[Any]]] = [
         lambda c: c.get_if_newer("k", bad),
         lambda c: c.put_if_newer("k", "v", bad),
+        lambda c: c.put_many_if_newer([("other", "v", 1), ("k", "v", bad)]),
         lambda c: c.invalidate("k", bad),
     ]
     if bad is not None:  # None means "no version" where the version is optional
@@ -492,6 +518,7 @@ def _version_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]
 def _ttl_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
     return [
         lambda c: c.put_if_newer("k", "v", 99, ttl=bad),
+        lambda c: c.put_many_if_newer([("k", "v", 99)], ttl=bad),
         lambda c: c.add("other", "v", ttl=bad),
         lambda c: c.insert("k", "v", ttl=bad),
         lambda c: c.invalidate("k", 99, ttl=bad),
@@ -503,6 +530,7 @@ def _ttl_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
 def _value_calls(value: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
     return [
         lambda c: c.put_if_newer("k", value, 99),
+        lambda c: c.put_many_if_newer([("other", "v", 1), ("k", value, 99)]),
         lambda c: c.add("other", value),
         lambda c: c.insert("k", value),
     ]
@@ -514,6 +542,10 @@ BAD_CALLS = (
     + [(ValueError, call) for bad in BAD_TTLS for call in _ttl_calls(bad)]
     + [(ValueTooLarge, call) for call in _value_calls("x" * (SMALL_LIMIT + 1))]
     + [(InvalidValue, call) for value in (object(), {1j: 2}) for call in _value_calls(value)]
+    + [
+        (InvalidValue, lambda c, items=items: c.put_many_if_newer(items))
+        for items in ("kv1", b"kv1", None, [("k", "v")], [["k", "v", 1]], [("other", "v", 1), "k"])
+    ]
 )
 
 

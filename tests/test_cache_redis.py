@@ -111,7 +111,10 @@ async def test_scripts_survive_script_flush(private_redis: PrivateRedis) -> None
         assert await cache.put_if_newer("k", "a", 1)
         with private_redis.client() as raw:
             raw.script_flush()
-        assert await cache.put_if_newer("k", "b", 2)
+        assert await cache.put_many_if_newer([("k", "b", 2), ("j", "x", 1)]) == [True, True]
+        with private_redis.client() as raw:
+            raw.script_flush()
+        assert await cache.put_if_newer("k", "b", 2) is False
         assert await cache.insert("k", "c", version=2) == 3
         assert await cache.get_if_newer("k", 2) == CacheItem("k", "c", 3)
 
@@ -125,9 +128,13 @@ async def test_scripts_survive_script_flush_on_the_cluster(redis_cluster: RedisC
         for node in redis_cluster.nodes:
             with node.client() as raw:
                 raw.script_flush()
+        assert await cache.put_many_if_newer([(key, "m", 2) for key in keys]) == [True] * len(keys)
+        for node in redis_cluster.nodes:
+            with node.client() as raw:
+                raw.script_flush()
         for key in keys:
-            assert await cache.insert(key, "b", version=1) == 2
-            assert await cache.remove(key, version=2)
+            assert await cache.insert(key, "b", version=2) == 3
+            assert await cache.remove(key, version=3)
 
 
 async def test_an_existing_client_is_used_and_left_open(redis_url: str, namespace: str) -> None:
