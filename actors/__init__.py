@@ -1,6 +1,7 @@
 """graphcache.actors: mailbox actors, the consistent-hash ring, membership and the Node."""
 
 from ._actor import DEFAULT_MIN_REBUILD_INTERVAL, RootActor
+from ._batch import Rebuilder
 from ._errors import ActorDead, ActorError, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
 from ._keys import graph_key
 from ._membership import (
@@ -35,6 +36,7 @@ __all__ = (  # noqa: RUF022  (plain sorted order, as tests/test_all_attributes.p
     "NodeNotRunning",
     "NodeStatistics",
     "ReadTimeout",
+    "Rebuilder",
     "RedisMembership",
     "Refresh",
     "Ring",

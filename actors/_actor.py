@@ -29,8 +29,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 from cache import CacheUnavailable, VersionedCache
 from storage import GraphStore, StoreUnavailable
 
+from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument
-from ._keys import graph_key
 from ._messages import Changed, Message, Refresh, Stop
 from ._stats import ActorStatistics, Counters
 from ._validate import check_positive, check_root_id, check_version
@@ -77,6 +77,7 @@ class RootActor:
         retry_initial: float = 0.05,
         retry_max: float = 5.0,
         min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL,
+        rebuilder: Rebuilder | None = None,
     ) -> None:
         self.root_id = check_root_id(root_id)
         if isinstance(mailbox_size, bool) or not isinstance(mailbox_size, int) or mailbox_size < 1:
@@ -89,9 +90,8 @@ class RootActor:
         )
         self._last_start: float | None = None  # anyio clock at the start of the latest rebuild
         self._stopping = anyio.Event()  # cuts a pacing pause short
-        self._store = store
-        self._cache = cache
-        self._key = graph_key(root_id)
+        # A node shares one rebuilder among its actors, so rebuilds that start together are batched.
+        self._rebuilder = rebuilder if rebuilder is not None else Rebuilder(store, cache)
         self._counters = counters if counters is not None else Counters()
         self._built = check_version(built, name="built")
         self._send, self._receive = anyio.create_memory_object_stream[Message](mailbox_size)
@@ -286,8 +286,7 @@ class RootActor:
 
     async def _rebuild_once(self, target: int, since: float | None) -> None:
         started = time.monotonic()
-        graph = await self._store.load(self.root_id)
-        stored = await self._cache.put_if_newer(self._key, graph, graph.version)
+        graph, stored = await self._rebuilder.rebuild(self.root_id)
         self._counters.rebuild_seconds.observe(time.monotonic() - started)
         self._rebuilds += 1
         self._counters.rebuilds += 1

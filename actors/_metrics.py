@@ -18,6 +18,7 @@ _COUNTERS = (
     ("notifications_ignored", "ignored", "Change notifications for roots another node owns."),
     ("coalesced", "coalesced", "Notifications that cost no rebuild of their own."),
     ("rebuilds", "rebuilds", "Rebuilds: one store snapshot and one versioned put each."),
+    ("rebuild_batches", "rebuild_batches", "Batches of rebuilds that started together: one load, one put."),
     ("rebuild_failures", "failures", "Failed rebuild attempts (retried with backoff, or given up)."),
     ("reads", "reads", "get() calls."),
     ("read_hits", "read_hits", "get() calls answered from the cache."),

@@ -37,13 +37,14 @@ from cache import CacheError, VersionedCache
 from storage import Change, Graph, GraphStore, Op
 
 from ._actor import DEFAULT_MIN_REBUILD_INTERVAL, RootActor, _is_transient
+from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
 from ._keys import graph_key
 from ._membership import Membership, StaticMembership
 from ._messages import Changed, Message, Refresh, Stop
 from ._ring import Ring, validate_node_id
 from ._stats import Counters, NodeStatistics
-from ._validate import check_positive, check_root_id, check_version
+from ._validate import check_count, check_positive, check_root_id, check_version
 
 __all__ = ("Consistency", "Node")
 
@@ -118,7 +119,7 @@ class Node:
         self._membership: Membership = membership if membership is not None else StaticMembership([node_id])
         self._strict = consistency == "strict"
         self._actor_options: dict[str, Any] = {
-            "mailbox_size": _check_count(mailbox_size, name="mailbox_size"),
+            "mailbox_size": check_count(mailbox_size, name="mailbox_size"),
             "idle_timeout": check_positive(idle_timeout, name="idle_timeout"),
             "retry_initial": check_positive(retry_initial, name="retry_initial"),
             "retry_max": check_positive(retry_max, name="retry_max"),
@@ -128,10 +129,11 @@ class Node:
         }
         self._handoff = check_positive(handoff, name="handoff", allow_zero=True)
         self._feed_after = None if feed_after is None else check_version(feed_after, name="feed_after")
-        self._remember_limit = _check_count(remember_roots, name="remember_roots", low=0)
+        self._remember_limit = check_count(remember_roots, name="remember_roots", low=0)
         self._shutdown_timeout = check_positive(shutdown_timeout, name="shutdown_timeout")
         self._checkpoint_interval = check_positive(checkpoint_interval, name="checkpoint_interval")
         self._counters = Counters()
+        self._rebuilder = Rebuilder(store, cache)
         self._actors: dict[str, RootActor] = {}
         self._remembered: dict[str, int] = {}  # built version of passivated roots (oldest first)
         self._flights: dict[str, _Flight] = {}
@@ -285,6 +287,7 @@ class Node:
             ignored=self._ignored,
             coalesced=counters.coalesced,
             rebuilds=counters.rebuilds,
+            rebuild_batches=self._rebuilder.batches,
             puts_stored=counters.puts_stored,
             puts_refused=counters.puts_refused,
             failures=counters.failures,
@@ -406,6 +409,7 @@ class Node:
             cache=self._cache,
             counters=self._counters,
             built=built,
+            rebuilder=self._rebuilder,
             **self._actor_options,
         )
         self._actors[root_id] = actor
@@ -578,9 +582,3 @@ def _owns(ring: Ring, cache: dict[str, bool], node_id: str, root_id: str) -> boo
 def _tell_quietly(actor: RootActor, message: Message) -> None:
     with contextlib.suppress(ActorDead):
         actor.tell(message)
-
-
-def _check_count(value: object, *, name: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
-    return value

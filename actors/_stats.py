@@ -108,6 +108,7 @@ class NodeStatistics(NamedTuple):
     ignored: int
     coalesced: int
     rebuilds: int
+    rebuild_batches: int
     puts_stored: int
     puts_refused: int
     failures: int

@@ -6,7 +6,7 @@ import math
 
 from ._errors import InvalidArgument
 
-__all__ = ("check_positive", "check_root_id", "check_version")
+__all__ = ("check_count", "check_positive", "check_root_id", "check_version")
 
 MAX_VERSION = 2**63 - 1
 MAX_ROOT_ID_BYTES = 1000  # graph_key() adds a short prefix; cache keys stop at 1024 UTF-8 bytes
@@ -45,3 +45,10 @@ def check_positive(value: object, *, name: str, allow_zero: bool = False) -> flo
         bound = ">= 0" if allow_zero else "> 0"
         raise InvalidArgument(f"{name} must be finite and {bound}, got {value!r}")
     return float(value)
+
+
+def check_count(value: object, *, name: str, low: int = 1) -> int:
+    """Return ``value`` if it is an int (not bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
+    return value

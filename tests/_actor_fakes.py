@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from storage import Change, Graph, GraphStore, Op, StoreUnavailable
+from storage import Change, Graph, GraphStore, MemoryStore, Op, StoreUnavailable
 
 
 class WrappedStore:
@@ -70,6 +70,39 @@ class GatedStore(WrappedStore):
             self.entered.set()
             await gate.wait()
         return graph
+
+
+class BatchStore(WrappedStore):
+    """Also offers ``load_many``; records each call's root ids. ``hold()`` makes every later
+    ``load_many`` wait until ``release()``; ``fail_next`` makes the next ones raise ``StoreUnavailable``."""
+
+    def __init__(self, inner: MemoryStore) -> None:
+        super().__init__(inner)
+        self.batches: list[list[str]] = []
+        self.entered = anyio.Event()
+        self.fail_next = 0
+        self._gate: anyio.Event | None = None
+        self._many = inner
+
+    def hold(self) -> None:
+        self._gate = anyio.Event()
+        self.entered = anyio.Event()
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+        self._gate = None
+
+    async def load_many(self, root_ids: Sequence[str]) -> dict[str, Graph]:
+        self.batches.append(list(root_ids))
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise StoreUnavailable("injected failure")
+        graphs = await self._many.load_many(root_ids)
+        if (gate := self._gate) is not None:
+            self.entered.set()
+            await gate.wait()
+        return graphs
 
 
 class FlakyStore(WrappedStore):

@@ -377,7 +377,7 @@ async def test_repr_and_statistics(store: MemoryStore, cache: MemoryCache) -> No
         )
         assert (await node.get("r")).version == version
         stats = node.statistics()
-    assert stats[:16] == ("a", 1, 1, 0, 0, 2, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0)
+    assert stats[:17] == ("a", 1, 1, 0, 0, 2, 0, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0)
     assert (stats.lag.samples, stats.rebuild_seconds.samples) == (1, 1)
     assert repr(node).startswith("<Node 'a' stopped bounded [members: 1 | actors: 0 |")
 

@@ -105,6 +105,7 @@ async def test_serves_metrics_and_health_and_stops_cleanly(
         health = await http_get(node.metrics_url.replace("/metrics", "/healthz"))
         code = await node.stop(signal.SIGTERM)
     assert metrics["graphcache_rebuilds_total"] >= 1
+    assert 1 <= metrics["graphcache_rebuild_batches_total"] <= metrics["graphcache_rebuilds_total"]
     assert metrics["graphcache_notifications_total"] >= 1
     assert metrics["graphcache_puts_total:stored"] >= 1
     assert metrics["graphcache_members"] == 1
