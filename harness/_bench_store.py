@@ -5,6 +5,8 @@
             the root, upsert the node, bump the version, write the outbox row, NOTIFY, COMMIT.
   load      a 50-node graph in a REPEATABLE READ READ ONLY transaction; raw reads the version and the
             nodes in two statements and decodes each row's JSON with msgspec (graphcache: one statement)
+  load_many 20 such graphs per call, in one statement, against the same 20 loaded by concurrent
+            ``load`` calls (what a node's actors did before they batched); both through PostgresStore
   feed      delivery latency through ``changes()`` at a steady commit rate (default 500/s): commit ->
             delivery runs from the writer receiving its COMMIT acknowledgement (negative: the feed was
             first); write -> delivery from the outbox row's clock_timestamp(), so it also holds the
@@ -36,6 +38,8 @@ from storage import PostgresStore, Upsert
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 _decoder = msgspec.json.Decoder(dict[str, Any])
+_BATCH = 20
+"""Graphs per load_many call: about what one feed poll hands a node in the uniform loadtest."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +104,13 @@ async def _measure(
         lambda worker: _raw_apply(raw, schema, roots[worker]),
     )
     load = await _alternate(args, lambda worker: _store_load(store), lambda worker: _raw_load(raw, schema))
+    batch = [f"graph50-{index}" for index in range(_BATCH)]
+    for root in batch:
+        await store.create_root(root, {"bench": True})
+        await store.apply(root, [Upsert(f"n{index}", root, _payload(index)) for index in range(49)])
+    many = await _alternate(
+        args, lambda worker: _store_load_many(store, batch), lambda worker: _store_load_each(store, batch)
+    )
     async with await PostgresStore.connect(
         args.postgres, schema, pool_size=args.feed_writers
     ) as writer_store:
@@ -108,6 +119,7 @@ async def _measure(
     return [
         ("apply, transactions/s", *apply, "ratio >= 0.8"),
         ("load 50-node graph, loads/s", *load, "ratio >= 0.8"),
+        (f"load_many x{_BATCH}, calls/s (raw: {_BATCH} loads)", *many, "batching gain"),
         (f"feed commit->delivery p50 ms @ {rate}", _percentile(feed.from_ack, 50), None, None, ""),
         (f"feed commit->delivery p99 ms @ {rate}", _percentile(feed.from_ack, 99), None, None, "<= 20 ms"),
         (
@@ -153,6 +165,16 @@ async def _raw_apply(pool: asyncpg.Pool, schema: str, root: str) -> None:
 
 async def _store_load(store: PostgresStore) -> None:
     await store.load("graph50")
+
+
+async def _store_load_many(store: PostgresStore, roots: list[str]) -> None:
+    await store.load_many(roots)
+
+
+async def _store_load_each(store: PostgresStore, roots: list[str]) -> None:
+    async with anyio.create_task_group() as tg:
+        for root in roots:
+            tg.start_soon(store.load, root)
 
 
 async def _raw_load(pool: asyncpg.Pool, schema: str) -> None:
@@ -234,10 +256,11 @@ async def _feed_latency(store: PostgresStore, roots: list[str], args: argparse.N
                 await send.send(index)
 
     async def writer(jobs: MemoryObjectReceiveStream[int]) -> None:
-        async for index in jobs:
-            root = roots[index % len(roots)]
-            version = await store.apply(root, [Upsert("child", root, {"n": index})])
-            acked[(root, version)] = time.perf_counter()
+        async with jobs:
+            async for index in jobs:
+                root = roots[index % len(roots)]
+                version = await store.apply(root, [Upsert("child", root, {"n": index})])
+                acked[(root, version)] = time.perf_counter()
 
     async def consumer() -> None:
         async for change in feed:
