@@ -203,6 +203,9 @@ class RedisCache:
             calls.append(((names.item, names.floor), (version, data, ttl_ms)))
         if not calls:
             return []
+        if len(calls) == 1:  # one EVALSHA costs less than a pipeline of one
+            keys, args = calls[0]
+            return [bool(await self._run(lua.PUT_IF_NEWER, keys, args))]
         self._check_open()
         if not self._discovered:
             await self._discover()

@@ -114,6 +114,9 @@ async def test_scripts_survive_script_flush(private_redis: PrivateRedis) -> None
         assert await cache.put_many_if_newer([("k", "b", 2), ("j", "x", 1)]) == [True, True]
         with private_redis.client() as raw:
             raw.script_flush()
+        assert await cache.put_many_if_newer([("k", "b", 2)]) == [False]  # one item: a plain EVALSHA
+        with private_redis.client() as raw:
+            raw.script_flush()
         assert await cache.put_if_newer("k", "b", 2) is False
         assert await cache.insert("k", "c", version=2) == 3
         assert await cache.get_if_newer("k", 2) == CacheItem("k", "c", 3)
