@@ -36,10 +36,9 @@ async def test_bench_store_reports_every_measure_and_drops_its_schema(
     before = await bench_schemas(postgres_dsn)
     parser = argparse.ArgumentParser()
     _bench_store.add_arguments(parser)
-    args = parser.parse_args(
-        ["--postgres", postgres_dsn, "--rounds", "1", "--seconds", "0.1", "--concurrency", "2"]
-        + ["--feed-rate", "50", "--feed-seconds", "0.5", "--feed-writers", "2"]
-    )
+    tiny = ["--rounds", "1", "--seconds", "0.1", "--concurrency", "2"]
+    feed = ["--feed-rate", "50", "--feed-seconds", "0.5", "--feed-writers", "2"]
+    args = parser.parse_args(["--postgres", postgres_dsn, *tiny, *feed])
     assert await _bench_store._main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     for name in ROWS:
