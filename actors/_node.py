@@ -30,7 +30,6 @@ from typing import Any, Literal, Self
 
 import anyio
 import anyio.abc
-import msgspec
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from cache import CacheError, VersionedCache
@@ -328,7 +327,7 @@ class Node:
     async def _cached(self, root_id: str, floor: int) -> Graph | None:
         try:
             item = await self._cache.get(graph_key(root_id), type=Graph)
-        except (CacheError, msgspec.DecodeError) as exc:
+        except CacheError as exc:
             logger.warning("cache read of %r failed, reading the store: %r", root_id, exc)
             return None
         if item is None or item.version < floor:
@@ -370,7 +369,7 @@ class Node:
             if await self._cache.put_if_newer(key, graph, graph.version):
                 return graph
             item = await self._cache.get(key, type=Graph)
-        except (CacheError, msgspec.DecodeError) as exc:
+        except CacheError as exc:
             logger.warning("cache unavailable for %r, serving the store's graph: %r", root_id, exc)
             return graph
         if item is not None and item.version > graph.version:

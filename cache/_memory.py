@@ -28,6 +28,7 @@ from ._validate import (
     check_key,
     check_limit,
     check_seconds,
+    check_type,
     check_version,
     check_wait,
     decode_value,
@@ -114,18 +115,22 @@ class MemoryCache:
 
     async def get(self, key: str, *, type: Any = None) -> CacheItem | None:
         check_key(key)
+        decoder = check_type(type)
         await self._enter()
         entry = self._item(key)
-        return None if entry is None else CacheItem(key, decode_value(entry.data, type), entry.version)
+        return (
+            None if entry is None else CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
+        )
 
     async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None:
         check_key(key)
         check_version(version)
+        decoder = check_type(type)
         await self._enter()
         entry = self._item(key)
         if entry is None or entry.version <= version:
             return None
-        return CacheItem(key, decode_value(entry.data, type), entry.version)
+        return CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
 
     # -- writes ------------------------------------------------------------------------------------
 
@@ -240,7 +245,7 @@ class MemoryCache:
         token = secrets.token_hex(16)
         self._locks[key] = _Lock(token, fence, self._clock() + timeout)
         entry = self._item(key)
-        item = None if entry is None else CacheItem(key, decode_value(entry.data), entry.version)
+        item = None if entry is None else CacheItem(key, decode_value(key, entry.data), entry.version)
         return item, LockHandle(key, token, fence, time.time() + timeout)
 
     async def put_and_unlock(

@@ -47,6 +47,7 @@ from ._validate import (
     check_key,
     check_limit,
     check_seconds,
+    check_type,
     check_version,
     check_wait,
     decode_value,
@@ -164,18 +165,20 @@ class RedisCache:
 
     async def get(self, key: str, *, type: Any = None) -> CacheItem | None:
         names = self._names(key)
+        decoder = check_type(type)
         reply = await self._read(names.item)
         if reply[1] is None:
             return None
-        return CacheItem(key, decode_value(reply[1], type), int(reply[0]))
+        return CacheItem(key, decode_value(key, reply[1], decoder), int(reply[0]))
 
     async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None:
         names = self._names(key)
         check_version(version)
+        decoder = check_type(type)
         reply = await self._run(lua.GET_IF_NEWER, (names.item,), (version,))
         if len(reply) < 3:
             return None
-        return CacheItem(key, decode_value(reply[2], type), int(reply[1]))
+        return CacheItem(key, decode_value(key, reply[2], decoder), int(reply[1]))
 
     # -- writes ------------------------------------------------------------------------------------
 
@@ -283,7 +286,7 @@ class RedisCache:
             finally:
                 self._lock_waiters -= 1
             expires_at = time.time() + int(timeout_ms) / 1000
-        item = None if reply[2] == b"" else CacheItem(key, decode_value(reply[3]), int(reply[2]))
+        item = None if reply[2] == b"" else CacheItem(key, decode_value(key, reply[3]), int(reply[2]))
         return item, LockHandle(key, token, int(reply[1]), expires_at)
 
     async def _retry_lock(

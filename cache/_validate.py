@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -92,8 +93,33 @@ def encode_value(value: Any, *, limit: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
     return data
 
 
-def decode_value(data: bytes, type: Any = None) -> Any:
-    """Decode msgpack ``data``, into ``type`` when one is given."""
+_untyped = msgspec.msgpack.Decoder()
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+_DECODER_CACHE_SIZE = 256
+
+
+def check_type(type: Any) -> msgspec.msgpack.Decoder[Any]:
+    """A decoder for ``type=`` (None: plain msgpack); ``InvalidValue`` if msgspec cannot decode into it."""
     if type is None:
-        return msgspec.msgpack.decode(data)
-    return msgspec.msgpack.decode(data, type=type)
+        return _untyped
+    try:
+        decoder = _decoders.get(type)
+    except TypeError:  # an unhashable type argument: build a decoder each time
+        decoder = None
+    if decoder is None:
+        try:
+            decoder = msgspec.msgpack.Decoder(type)
+        except TypeError as exc:
+            raise InvalidValue(f"type={type!r} is not a type msgspec can decode into: {exc}") from exc
+        if len(_decoders) < _DECODER_CACHE_SIZE:
+            with contextlib.suppress(TypeError):  # unhashable: not kept
+                _decoders[type] = decoder
+    return decoder
+
+
+def decode_value(key: str, data: bytes, decoder: msgspec.msgpack.Decoder[Any] = _untyped) -> Any:
+    """Decode the msgpack ``data`` stored at ``key``; ``InvalidValue`` if it does not fit the type."""
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+        raise InvalidValue(f"the value at key {key!r} does not decode as {decoder.type!r}: {exc}") from exc

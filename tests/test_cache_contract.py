@@ -125,6 +125,24 @@ async def test_type_decodes_into_a_struct(cache: VersionedCache) -> None:
     assert untyped.value == {"x": 1, "y": 2}
 
 
+async def test_a_value_that_does_not_fit_type_raises_invalid_value(cache: VersionedCache) -> None:
+    """get/get_if_newer with a type= the stored value does not fit raise InvalidValue naming the key;
+    a type= msgspec cannot decode into is refused even for an absent key (before any I/O)."""
+    await cache.put_if_newer("k", {"x": "not an int", "y": 2}, 1)
+    for read in (cache.get("k", type=Point), cache.get_if_newer("k", 0, type=Point)):
+        with pytest.raises(InvalidValue, match="'k'") as caught:
+            await read
+        assert isinstance(caught.value, ValueError)
+        assert isinstance(caught.value.__cause__, msgspec.ValidationError)
+    assert await cache.get("k") == CacheItem("k", {"x": "not an int", "y": 2}, 1)
+    for bad_type in (5, "Point", object()):
+        with pytest.raises(InvalidValue, match="type="):
+            await cache.get("absent", type=bad_type)
+        with pytest.raises(InvalidValue, match="type="):
+            await cache.get_if_newer("absent", 0, type=bad_type)
+    assert await cache.get("absent", type=list[int]) is None
+
+
 async def test_put_if_newer_ignores_locks(cache: VersionedCache) -> None:
     """A newer versioned put lands even while another holder has the key locked."""
     _, lock = await cache.get_and_lock("k", lock_timeout=30)
