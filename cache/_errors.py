@@ -6,13 +6,16 @@
     ├── KeyExists               ``add`` on a key that holds an item
     ├── ObjectLocked            the key is locked by another handle
     ├── LockLost                the handle's lock expired or was never this handle's
+    ├── InvalidArgument         (also ValueError) a bad ttl, lock_timeout, wait, lease, namespace or limit
     ├── InvalidKey              (also ValueError) empty, non-str or over-long key
     ├── InvalidVersion          (also ValueError) not an int in 0..2**63-1 (bool is refused)
     ├── InvalidValue            (also ValueError) a value msgpack cannot encode
     └── ValueTooLarge           (also ValueError) encoded value over the size limit; nothing written
 
-Foreign exceptions (redis-py, OS errors) are translated at one seam in each backend, with
-``raise ... from exc`` so the cause is kept.
+Foreign exceptions (redis-py, including its internal errors while a Cluster reconfigures, and OS errors)
+are translated at one seam in each backend, with ``raise ... from exc`` so the cause is kept: whatever may
+pass (a connection lost, a timeout, a failover, out of memory, a busy or loading server) is
+``CacheUnavailable``; a reply that retrying cannot change is ``CacheError``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 __all__ = (
     "CacheError",
     "CacheUnavailable",
+    "InvalidArgument",
     "InvalidKey",
     "InvalidValue",
     "InvalidVersion",
@@ -36,7 +40,7 @@ class CacheError(Exception):
 
 
 class CacheUnavailable(CacheError):
-    """The backend is down, unreachable or did not answer in time."""
+    """The backend is down, unreachable, failing over, out of memory or too slow to answer: retry later."""
 
 
 class VersionMismatch(CacheError):
@@ -59,6 +63,10 @@ class ObjectLocked(CacheError):
 
 class LockLost(CacheError):
     """The lock expired, was taken over, or was never held by this handle."""
+
+
+class InvalidArgument(CacheError, ValueError):
+    """An argument other than the key, version or value is malformed (a ttl, a lease, a limit...)."""
 
 
 class InvalidKey(CacheError, ValueError):

@@ -5,6 +5,7 @@ mutation cannot reach the cache and ``type=`` decoding behaves the same). Every 
 input, yields to the event loop once, then runs its compare-and-write without another ``await``:
 within one event loop each operation is atomic, the way one Lua script is atomic inside Redis.
 Time is a monotonic clock (injectable for tests), so wall-clock jumps never expire or revive anything.
+As in Redis, a key's item, floor and incarnation are one state with one expiry: they live and die together.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from ._validate import (
     MAX_VERSION,
     check_items,
     check_key,
+    check_keys,
+    check_lease,
     check_limit,
     check_seconds,
     check_type,
@@ -39,6 +42,8 @@ __all__ = ("MemoryCache", "MemoryCacheStatistics")
 
 _SWEEP_EVERY = 1024
 """Writes between two sweeps of expired entries (reads expire lazily)."""
+_LEASE_TTL = 600.0
+"""Seconds a key that holds only an incarnation (a lease taken, nothing put yet) lives."""
 
 
 def next_version(key: str, base: int | None) -> int:
@@ -56,22 +61,25 @@ class MemoryCacheStatistics(NamedTuple):
     locks: int
     lock_waiters: int
     """Tasks inside ``get_and_lock(wait=...)`` waiting for a held lock."""
+    poisoned: int = 0
+    """Malformed entries found; in process memory there are none (kept for parity with Redis)."""
 
 
-class _Entry:
-    __slots__ = ("data", "expires", "version")
-
-    def __init__(self, data: bytes, version: int, expires: float) -> None:
-        self.data = data
-        self.version = version
-        self.expires = expires
+class _Item(NamedTuple):
+    version: int
+    data: bytes
 
 
-class _Floor:
-    __slots__ = ("expires", "version")
+class _State:
+    """One key's item (``version`` not None), or else its floor, and its incarnation: one expiry."""
 
-    def __init__(self, version: int, expires: float) -> None:
-        self.version = version
+    __slots__ = ("data", "expires", "floor", "incarnation", "version")
+
+    def __init__(self, expires: float) -> None:
+        self.data = b""
+        self.version: int | None = None
+        self.floor: int | None = None
+        self.incarnation = secrets.randbits(63) or 1
         self.expires = expires
 
 
@@ -103,8 +111,7 @@ class MemoryCache:
             check_seconds(floor_ttl, name="floor_ttl", allow_none=False) or DEFAULT_INVALIDATE_TTL
         )
         self._clock = clock
-        self._items: dict[str, _Entry] = {}
-        self._floors: dict[str, _Floor] = {}
+        self._states: dict[str, _State] = {}
         self._locks: dict[str, _Lock] = {}
         self._fences: dict[str, int] = {}
         self._released: dict[str, list[anyio.Event]] = {}
@@ -118,9 +125,9 @@ class MemoryCache:
         decoder = check_type(type)
         await self._enter()
         entry = self._item(key)
-        return (
-            None if entry is None else CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
-        )
+        if entry is None:
+            return None
+        return CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
 
     async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None:
         check_key(key)
@@ -132,35 +139,82 @@ class MemoryCache:
             return None
         return CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
 
-    # -- writes ------------------------------------------------------------------------------------
+    async def versions(self, keys: Sequence[str]) -> list[int | None]:
+        """The stored version of each key (None: absent)."""
+        checked = check_keys(keys)
+        await self._enter()
+        return [None if (entry := self._item(key)) is None else entry.version for key in checked]
 
-    async def put_if_newer(self, key: str, value: Any, version: int, *, ttl: float | None = None) -> bool:
+    async def discard(self, key: str, version: int) -> bool:
+        """Drop ``key``'s whole state if its item is stored at exactly ``version`` (see RedisCache)."""
         check_key(key)
         check_version(version)
+        await self._enter()
+        entry = self._item(key)
+        if entry is None or entry.version != version:
+            return False
+        del self._states[key]
+        return True
+
+    # -- leases --------------------------------------------------------------------------------------
+
+    async def lease(self, key: str) -> int:
+        """The key's incarnation (created if absent); take it before loading what you will put."""
+        check_key(key)
+        await self._enter()
+        return self._lease(key)
+
+    async def lease_many(self, keys: Sequence[str]) -> list[int]:
+        """``lease`` of each key."""
+        checked = check_keys(keys)
+        await self._enter()
+        return [self._lease(key) for key in checked]
+
+    def _lease(self, key: str) -> int:
+        state = self._state(key)
+        if state is None:
+            state = self._states[key] = _State(self._clock() + _LEASE_TTL)
+        return state.incarnation
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    async def put_if_newer(
+        self, key: str, value: Any, version: int, *, ttl: float | None = None, lease: int | None = None
+    ) -> bool:
+        check_key(key)
+        check_version(version)
+        check_lease(lease)
         expires = self._expiry(check_seconds(ttl, name="ttl"))
         data = encode_value(value, limit=self._max_value_bytes)
         await self._enter()
-        return self._put_if_newer(key, data, version, expires)
+        return self._put_if_newer(key, data, version, expires, lease)
 
     async def put_many_if_newer(
-        self, items: Sequence[tuple[str, Any, int]], *, ttl: float | None = None
+        self,
+        items: Sequence[tuple[str, Any, int] | tuple[str, Any, int, int | None]],
+        *,
+        ttl: float | None = None,
     ) -> list[bool]:
-        """``put_if_newer`` of each ``(key, value, version)`` in order; all checked before any write."""
+        """``put_if_newer`` of each ``(key, value, version[, lease])`` in order; all checked first."""
         expires = self._expiry(check_seconds(ttl, name="ttl"))
         encoded = [
-            (key, encode_value(value, limit=self._max_value_bytes), version)
-            for key, value, version in check_items(items)
+            (key, encode_value(value, limit=self._max_value_bytes), version, lease)
+            for key, value, version, lease in check_items(items)
         ]
         await self._enter()
-        return [self._put_if_newer(key, data, version, expires) for key, data, version in encoded]
+        return [
+            self._put_if_newer(key, data, version, expires, lease) for key, data, version, lease in encoded
+        ]
 
-    def _put_if_newer(self, key: str, data: bytes, version: int, expires: float) -> bool:
-        entry = self._item(key)
-        if entry is not None and entry.version >= version:
-            return False
-        floor = self._floor(key)
-        if floor is not None and version <= floor:
-            return False
+    def _put_if_newer(self, key: str, data: bytes, version: int, expires: float, lease: int | None) -> bool:
+        state = self._state(key)
+        if lease is not None and (state is None or state.incarnation != lease):
+            return False  # the key's state was lost (or replaced) since the lease was taken
+        if state is not None:
+            if state.version is not None and state.version >= version:
+                return False
+            if state.floor is not None and version <= state.floor:
+                return False
         self._store(key, data, version, expires)
         return True
 
@@ -211,7 +265,6 @@ class MemoryCache:
             raise VersionMismatch(key, version, current)
         if entry is None:
             return False
-        del self._items[key]
         self._raise_floor(key, entry.version, self._floor_ttl)
         return True
 
@@ -221,16 +274,17 @@ class MemoryCache:
         seconds = check_seconds(ttl, name="ttl", allow_none=False) or DEFAULT_INVALIDATE_TTL
         await self._enter()
         entry = self._item(key)
-        if entry is not None and entry.version <= version:
-            del self._items[key]
+        if entry is not None and entry.version > version:
+            return  # the stored item is newer: it implies the floor
         self._raise_floor(key, version, seconds)
 
     # -- pessimistic locks -------------------------------------------------------------------------
 
     async def get_and_lock(
-        self, key: str, *, lock_timeout: float, wait: float = 0
+        self, key: str, *, lock_timeout: float, wait: float = 0, type: Any = None
     ) -> tuple[CacheItem | None, LockHandle]:
         check_key(key)
+        decoder = check_type(type)
         timeout = check_seconds(lock_timeout, name="lock_timeout", allow_none=False) or 0.0
         deadline = self._clock() + check_wait(wait)
         await self._enter()
@@ -245,7 +299,9 @@ class MemoryCache:
         token = secrets.token_hex(16)
         self._locks[key] = _Lock(token, fence, self._clock() + timeout)
         entry = self._item(key)
-        item = None if entry is None else CacheItem(key, decode_value(key, entry.data), entry.version)
+        item = None
+        if entry is not None:
+            item = CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
         return item, LockHandle(key, token, fence, time.time() + timeout)
 
     async def put_and_unlock(
@@ -291,9 +347,10 @@ class MemoryCache:
     def statistics(self) -> MemoryCacheStatistics:
         """Live entries (items, floors and locks that have not expired)."""
         now = self._clock()
+        live = [state for state in self._states.values() if state.expires > now]
         return MemoryCacheStatistics(
-            items=sum(1 for e in self._items.values() if e.expires > now),
-            floors=sum(1 for f in self._floors.values() if f.expires > now),
+            items=sum(1 for state in live if state.version is not None),
+            floors=sum(1 for state in live if state.floor is not None),
             locks=sum(1 for lk in self._locks.values() if lk.expires > now),
             lock_waiters=sum(len(waiters) for waiters in self._released.values()),
         )
@@ -321,29 +378,34 @@ class MemoryCache:
     def _expiry(self, ttl: float | None) -> float:
         return math.inf if ttl is None else self._clock() + ttl
 
-    def _item(self, key: str) -> _Entry | None:
-        entry = self._items.get(key)
-        if entry is not None and entry.expires <= self._clock():
-            del self._items[key]
+    def _state(self, key: str) -> _State | None:
+        state = self._states.get(key)
+        if state is not None and state.expires <= self._clock():
+            del self._states[key]
             return None
-        return entry
+        return state
+
+    def _item(self, key: str) -> _Item | None:
+        """The key's item, if it holds one."""
+        state = self._state(key)
+        if state is None or state.version is None:
+            return None
+        return _Item(state.version, state.data)
 
     def _floor(self, key: str) -> int | None:
-        floor = self._floors.get(key)
-        if floor is not None and floor.expires <= self._clock():
-            del self._floors[key]
-            return None
-        return None if floor is None else floor.version
+        state = self._state(key)
+        return None if state is None else state.floor
 
     def _raise_floor(self, key: str, version: int, ttl: float) -> None:
-        current = self._floors.get(key)
+        """Drop the item and keep a floor: never lower a living floor nor shorten its protection."""
+        state = self._state(key)
         expires = self._clock() + ttl
-        if current is None or current.expires <= self._clock():
-            self._floors[key] = _Floor(version, expires)
-            return
-        # Never lower a living floor nor shorten its protection.
-        current.version = max(current.version, version)
-        current.expires = max(current.expires, expires)
+        if state is None:
+            state = self._states[key] = _State(expires)
+        elif state.floor is not None:
+            version = max(version, state.floor)
+            expires = max(expires, state.expires)
+        state.version, state.data, state.floor, state.expires = None, b"", version, expires
 
     def _lock(self, key: str) -> _Lock | None:
         held = self._locks.get(key)
@@ -371,16 +433,18 @@ class MemoryCache:
             raise LockLost(f"lock on {key!r} (fence {lock.fence}) expired or is not this handle's")
 
     def _store(self, key: str, data: bytes, version: int, expires: float) -> None:
-        self._items[key] = _Entry(data, version, expires)
+        state = self._state(key)
+        if state is None:
+            state = self._states[key] = _State(expires)
+        state.data, state.version, state.floor, state.expires = data, version, None, expires
         self._writes += 1
         if self._writes % _SWEEP_EVERY == 0:
             self._sweep()
 
     def _sweep(self) -> None:
         now = self._clock()
-        for table in (self._items, self._floors):
-            for key in [k for k, v in table.items() if v.expires <= now]:
-                del table[key]
+        for key in [k for k, state in self._states.items() if state.expires <= now]:
+            del self._states[key]
 
     def _release(self, key: str) -> None:
         del self._locks[key]

@@ -1,21 +1,23 @@
 """``RedisCache``: ``VersionedCache`` on Redis (single instance or Cluster).
 
-Wire layout of one cache key ``K`` under namespace ``NS`` (documented in README.md, "Wire format (Redis)"):
-``T = base64url(utf8(K))`` without padding, and all of K's state shares the hash tag ``{T}``::
+Wire format 2 (documented in README.md, "Wire format (Redis)"), for a cache key ``K`` under namespace
+``NS``: ``T = base64url(utf8(K))`` without padding, and all of K's state shares the hash tag ``{T}``::
 
-    NS:{T}:i   hash  v = version (decimal string), d = value (msgpack); PEXPIRE = the item's ttl
-    NS:{T}:f   string  the floor version (decimal); PEXPIRE = the invalidation ttl
+    NS:{T}:e   hash    v = version (decimal), d = value (msgpack), fl = floor (decimal, only while no
+                       item is stored), inc = incarnation (decimal); one expiry for all of it
     NS:{T}:l   string  "<token>:<fence>" of the lock holder; PEXPIRE = lock_timeout
-    NS:{T}:c   string  fence counter (INCR), never expires so fences never repeat
+    NS:{T}:c   string  the last fence granted (a fence is never below the server clock in microseconds)
 
-Reads are one HMGET; every compare-and-write is one Lua script (see ``_scripts``) over those keys only,
-so each call touches one slot on a Cluster. redis-py errors are mapped in ``_mapped`` and nowhere else.
+Everything that decides a put lives in the one hash, so Redis keeps or loses it whole (see
+``_scripts``). Reads are one HMGET; every compare-and-write is one Lua script over those keys only, so
+each call touches one slot on a Cluster. redis-py errors are mapped in ``_mapped`` and nowhere else.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import random
 import re
 import secrets
@@ -25,6 +27,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 import anyio
+import msgspec
 from redis import exceptions as rex
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
@@ -34,6 +37,8 @@ from . import _scripts as lua
 from ._errors import (
     CacheError,
     CacheUnavailable,
+    InvalidArgument,
+    InvalidValue,
     InvalidVersion,
     KeyExists,
     LockLost,
@@ -45,6 +50,8 @@ from ._validate import (
     DEFAULT_MAX_VALUE_BYTES,
     check_items,
     check_key,
+    check_keys,
+    check_lease,
     check_limit,
     check_seconds,
     check_type,
@@ -52,21 +59,56 @@ from ._validate import (
     check_wait,
     decode_value,
     encode_value,
+    parse_version,
 )
 
 __all__ = ("RedisCache", "RedisCacheStatistics")
 
+logger = logging.getLogger(__name__)
+
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.-]+")
-_UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterError, rex.RedisClusterException, OSError)
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rex.ConnectionError,  # also BusyLoadingError (a server loading its data after a restart)
+    rex.TimeoutError,
+    rex.ClusterError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
+    rex.MasterDownError,
+    rex.ReadOnlyError,  # a failover left this client on a replica
+    rex.OutOfMemoryError,  # maxmemory reached under noeviction: may pass once memory is freed
+    rex.RedisClusterException,  # topology changing under the client
+    rex.MaxConnectionsError,
+    OSError,
+    TimeoutError,
+    EOFError,  # a reply cut short (asyncio.IncompleteReadError)
+)
+_UNAVAILABLE_REPLIES = (
+    "OOM",
+    "BUSY",
+    "LOADING",
+    "READONLY",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "MOVED",
+    "ASK",
+)
+"""Error replies that retrying can cure, whatever class redis-py gave them."""
+_LEASE_TTL = 600.0
+"""Seconds a key that holds only an incarnation (a lease taken, nothing put yet) lives."""
 _NAME_CACHE_SIZE = 4096
 """Keys whose Redis names are kept precomputed (the hot set of a cache is usually small)."""
 _FIRST_BACKOFF = 0.002
 _MAX_BACKOFF = 0.05
 
 
+PutItem = tuple[str, Any, int] | tuple[str, Any, int, int | None]
+"""``(key, value, version)`` or ``(key, value, version, lease)`` for ``put_many_if_newer``."""
+_Call = tuple[lua.Script, tuple[bytes, ...], tuple[Any, ...]]
+
+
 class _Names(NamedTuple):
-    item: bytes
-    floor: bytes
+    entry: bytes
     lock: bytes
     counter: bytes
 
@@ -74,6 +116,8 @@ class _Names(NamedTuple):
 class RedisCacheStatistics(NamedTuple):
     lock_waiters: int
     """Tasks inside ``get_and_lock(wait=...)`` backing off after finding the lock held."""
+    poisoned: int = 0
+    """Malformed stored entries found (served as misses and removed)."""
 
 
 class RedisCache:
@@ -104,6 +148,8 @@ class RedisCache:
         self._address = address or _describe(client)
         self._closed = False
         self._lock_waiters = 0
+        self._poisoned = 0
+        self._lease_ms = _millis(_LEASE_TTL)
         self._name_cache: dict[str, _Names] = {}
         # A RedisCluster client raises instead of queueing when a node's pool is exhausted: queue here.
         self._limiter = None if max_concurrency is None else anyio.CapacityLimiter(max_concurrency)
@@ -166,75 +212,108 @@ class RedisCache:
     async def get(self, key: str, *, type: Any = None) -> CacheItem | None:
         names = self._names(key)
         decoder = check_type(type)
-        reply = await self._read(names.item)
-        if reply[1] is None:
+        reply = await self._read(names.entry)
+        if reply is None:  # another Redis type under the entry's name
+            return await self._poisoned_entry(key, names, b"")
+        raw, data = reply
+        if raw is None and data is None:
             return None
-        return CacheItem(key, decode_value(key, reply[1], decoder), int(reply[0]))
+        version = parse_version(raw)
+        if version is None or data is None:
+            return await self._poisoned_entry(key, names, raw)
+        return await self._item(key, names, raw, data, decoder)
 
     async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None:
         names = self._names(key)
         check_version(version)
         decoder = check_type(type)
-        reply = await self._run(lua.GET_IF_NEWER, (names.item,), (version,))
+        reply = await self._run(lua.GET_IF_NEWER, (names.entry,), (version,))
+        if reply[0] == lua.POISONED:
+            return await self._poisoned_entry(key, names, reply[1] if len(reply) > 1 else b"")
         if len(reply) < 3:
             return None
-        return CacheItem(key, decode_value(key, reply[2], decoder), int(reply[1]))
+        if reply[2] is None:
+            return await self._poisoned_entry(key, names, reply[1])
+        return await self._item(key, names, reply[1], reply[2], decoder)
+
+    async def _item(self, key: str, names: _Names, raw: bytes, data: bytes, decoder: Any) -> CacheItem | None:
+        try:
+            return CacheItem(key, decode_value(key, data, decoder), int(raw))
+        except InvalidValue:
+            if decoder is not _UNTYPED and _decodes(data):
+                raise  # well-formed msgpack that is not of the caller's type: the caller's to judge
+            return await self._poisoned_entry(key, names, raw)
+
+    async def versions(self, keys: Sequence[str]) -> list[int | None]:
+        """The stored version of each key (None: absent or malformed), in one pipelined round trip."""
+        entries = [self._names(key).entry for key in check_keys(keys)]
+        if not entries:
+            return []
+        replies = await self._pipeline([("HGET", entry, b"v") for entry in entries])
+        return [None if isinstance(reply, Exception) else parse_version(reply) for reply in replies]
+
+    async def discard(self, key: str, version: int) -> bool:
+        """Drop ``key``'s whole state if its item is stored at exactly ``version`` (a malformed entry a
+        reader found); like a loss, it ends the key's incarnation, so no put leased before succeeds."""
+        names = self._names(key)
+        check_version(version)
+        return bool(await self._run(lua.DISCARD, (names.entry,), (version,)))
+
+    # -- leases --------------------------------------------------------------------------------------
+
+    async def lease(self, key: str) -> int:
+        """The key's incarnation (created if absent); take it before loading what you will put."""
+        names = self._names(key)
+        return int(await self._run(lua.LEASE, (names.entry,), (_new_incarnation(), self._lease_ms)))
+
+    async def lease_many(self, keys: Sequence[str]) -> list[int]:
+        """``lease`` of each key, pipelined in one round trip."""
+        entries = [self._names(key).entry for key in check_keys(keys)]
+        if not entries:
+            return []
+        calls = [(lua.LEASE, (entry,), (_new_incarnation(), self._lease_ms)) for entry in entries]
+        return [int(reply) for reply in await self._scripts(calls)]
 
     # -- writes ------------------------------------------------------------------------------------
 
-    async def put_if_newer(self, key: str, value: Any, version: int, *, ttl: float | None = None) -> bool:
+    async def put_if_newer(
+        self, key: str, value: Any, version: int, *, ttl: float | None = None, lease: int | None = None
+    ) -> bool:
         names = self._names(key)
         check_version(version)
         ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        expected = _lease_arg(check_lease(lease))
         data = encode_value(value, limit=self._max_value_bytes)
-        keys = (names.item, names.floor)
-        return bool(await self._run(lua.PUT_IF_NEWER, keys, (version, data, ttl_ms)))
+        args = (version, data, ttl_ms, expected, _new_incarnation())
+        return bool(await self._run(lua.PUT_IF_NEWER, (names.entry,), args) == lua.STORED)
 
     async def put_many_if_newer(
-        self, items: Sequence[tuple[str, Any, int]], *, ttl: float | None = None
+        self,
+        items: Sequence[tuple[str, Any, int] | tuple[str, Any, int, int | None]],
+        *,
+        ttl: float | None = None,
     ) -> list[bool]:
-        """``put_if_newer`` of each ``(key, value, version)`` in order, pipelined in one round trip.
+        """``put_if_newer`` of each ``(key, value, version)`` or ``(key, value, version, lease)`` in
+        order, pipelined in one round trip.
 
         Every item is checked and encoded before any I/O (a bad one raises and nothing is written);
         each put is atomic on its own, the batch is not a transaction.
         """
         ttl_ms = _millis(check_seconds(ttl, name="ttl"))
         calls = []
-        for key, value, version in check_items(items):
-            names = self._names(key)
+        for key, value, version, lease in check_items(items):
+            entry = self._names(key).entry
             data = encode_value(value, limit=self._max_value_bytes)
-            calls.append(((names.item, names.floor), (version, data, ttl_ms)))
-        if not calls:
-            return []
-        if len(calls) == 1:  # one EVALSHA costs less than a pipeline of one
-            keys, args = calls[0]
-            return [bool(await self._run(lua.PUT_IF_NEWER, keys, args))]
-        self._check_open()
-        if not self._discovered:
-            await self._discover()
-        async with self._limiter if self._limiter is not None else contextlib.nullcontext():
-            with self._mapped():
-                pipe = self._client.pipeline(transaction=False)
-                for keys, args in calls:
-                    pipe.execute_command("EVALSHA", lua.PUT_IF_NEWER.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
-        stored = []
-        for (keys, args), reply in zip(calls, replies, strict=True):
-            answer = reply
-            if isinstance(reply, rex.NoScriptError):  # the server lost its scripts: EVAL loads it again
-                answer = await self._run(lua.PUT_IF_NEWER, keys, args)
-            elif isinstance(reply, Exception):
-                with self._mapped():
-                    raise reply
-            stored.append(bool(answer))
-        return stored
+            args = (version, data, ttl_ms, _lease_arg(lease), _new_incarnation())
+            calls.append((lua.PUT_IF_NEWER, (entry,), args))
+        return [reply == lua.STORED for reply in await self._scripts(calls)]
 
     async def add(self, key: str, value: Any, *, ttl: float | None = None) -> int:
         names = self._names(key)
         ttl_ms = _millis(check_seconds(ttl, name="ttl"))
         data = encode_value(value, limit=self._max_value_bytes)
-        keys = (names.item, names.floor)
-        return self._version_reply(key, None, await self._run(lua.ADD, keys, (data, ttl_ms)))
+        reply = await self._run(lua.ADD, (names.entry,), (data, ttl_ms, _new_incarnation()))
+        return self._version_reply(key, None, reply)
 
     async def insert(
         self,
@@ -249,33 +328,35 @@ class RedisCache:
         expected = "" if version is None else check_version(version)
         ttl_ms = _millis(check_seconds(ttl, name="ttl"))
         data = encode_value(value, limit=self._max_value_bytes)
-        keys = (names.item, names.floor, names.lock)
-        reply = await self._run(lua.INSERT, keys, (data, ttl_ms, expected, _owner(key, lock)))
+        keys = (names.entry, names.lock)
+        args = (data, ttl_ms, expected, _owner(key, lock), _new_incarnation())
+        reply = await self._run(lua.INSERT, keys, args)
         return self._version_reply(key, version, reply, lock)
 
     async def remove(self, key: str, *, version: int | None = None, lock: LockHandle | None = None) -> bool:
         names = self._names(key)
         expected = "" if version is None else check_version(version)
-        keys = (names.item, names.floor, names.lock)
-        reply = await self._run(lua.REMOVE, keys, (expected, _owner(key, lock), self._floor_ms))
+        keys = (names.entry, names.lock)
+        args = (expected, _owner(key, lock), self._floor_ms, _new_incarnation())
+        reply = await self._run(lua.REMOVE, keys, args)
         return self._version_reply(key, version, reply, lock) == 1
 
     async def invalidate(self, key: str, version: int, *, ttl: float = DEFAULT_INVALIDATE_TTL) -> None:
         names = self._names(key)
         check_version(version)
         ttl_ms = _millis(check_seconds(ttl, name="ttl", allow_none=False))
-        keys = (names.item, names.floor)
-        await self._run(lua.INVALIDATE, keys, (version, ttl_ms))
+        await self._run(lua.INVALIDATE, (names.entry,), (version, ttl_ms, _new_incarnation()))
 
     # -- pessimistic locks -------------------------------------------------------------------------
 
     async def get_and_lock(
-        self, key: str, *, lock_timeout: float, wait: float = 0
+        self, key: str, *, lock_timeout: float, wait: float = 0, type: Any = None
     ) -> tuple[CacheItem | None, LockHandle]:
         names = self._names(key)
+        decoder = check_type(type)
         timeout_ms = _millis(check_seconds(lock_timeout, name="lock_timeout", allow_none=False))
         deadline = time.monotonic() + check_wait(wait)
-        keys = (names.item, names.lock, names.counter)
+        keys = (names.entry, names.lock, names.counter)
         token = secrets.token_hex(16)
         expires_at = time.time() + int(timeout_ms) / 1000
         reply = await self._run(lua.GET_AND_LOCK, keys, (token, timeout_ms))
@@ -286,7 +367,15 @@ class RedisCache:
             finally:
                 self._lock_waiters -= 1
             expires_at = time.time() + int(timeout_ms) / 1000
-        item = None if reply[2] == b"" else CacheItem(key, decode_value(key, reply[3]), int(reply[2]))
+        item = None
+        if reply[2] != b"":
+            try:
+                item = CacheItem(key, decode_value(key, reply[3], decoder), int(reply[2]))
+            except InvalidValue:
+                if decoder is _UNTYPED or not _decodes(reply[3]):
+                    self._poisoned += 1  # the lock's put_and_unlock replaces it
+                else:
+                    raise
         return item, LockHandle(key, token, int(reply[1]), expires_at)
 
     async def _retry_lock(
@@ -310,8 +399,9 @@ class RedisCache:
         names = self._names(key)
         ttl_ms = _millis(check_seconds(ttl, name="ttl"))
         data = encode_value(value, limit=self._max_value_bytes)
-        keys = (names.item, names.floor, names.lock)
-        reply = await self._run(lua.PUT_AND_UNLOCK, keys, (data, ttl_ms, _owner(key, lock)))
+        keys = (names.entry, names.lock)
+        args = (data, ttl_ms, _owner(key, lock), _new_incarnation())
+        reply = await self._run(lua.PUT_AND_UNLOCK, keys, args)
         return self._version_reply(key, None, reply, lock)
 
     async def unlock(self, key: str, lock: LockHandle) -> None:
@@ -342,15 +432,36 @@ class RedisCache:
 
     def statistics(self) -> RedisCacheStatistics:
         """This client's live state (the rest lives in Redis)."""
-        return RedisCacheStatistics(lock_waiters=self._lock_waiters)
+        return RedisCacheStatistics(lock_waiters=self._lock_waiters, poisoned=self._poisoned)
+
+    async def eviction_warning(self) -> str | None:
+        """A warning if Redis may evict keys of any kind (``allkeys-*`` under ``maxmemory``), else None.
+
+        Guarantees hold under eviction (leases refuse what a loss would let through), but every evicted
+        graph costs a rebuild or a read-through. None also when the server does not allow CONFIG GET.
+        """
+        try:
+            with self._mapped():
+                reply = await self._client.config_get("maxmemory-policy")
+        except CacheError:
+            return None
+        policies = set(_policies(reply))
+        evicting = sorted(p for p in policies if p.startswith("allkeys-"))
+        if not evicting:
+            return None
+        return (
+            f"Redis at {self._address} runs maxmemory-policy {', '.join(evicting)}: it may evict graphcache"
+            " keys; correctness holds, but every evicted graph must be rebuilt (use noeviction or"
+            " volatile-* for a cache that other data shares)"
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"open, {self._lock_waiters} waiting for locks"
         kind = "Cluster" if isinstance(self._client, RedisCluster) else "Redis"
         return f"<RedisCache [{kind} {self._address} | namespace {self._namespace!r} | {state}]>"
 
-    def redis_keys(self, key: str) -> tuple[bytes, bytes, bytes, bytes]:
-        """The Redis keys holding ``key``'s item, floor, lock and fence counter (the wire format)."""
+    def redis_keys(self, key: str) -> tuple[bytes, bytes, bytes]:
+        """The Redis keys holding ``key``'s entry hash, lock and last fence (wire format 2)."""
         return tuple(self._names(key))  # type: ignore[return-value]
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -361,7 +472,7 @@ class RedisCache:
         if names is None:
             check_key(key)
             base = self._prefix + base64.urlsafe_b64encode(key.encode()).rstrip(b"=") + b"}:"
-            names = _Names(base + b"i", base + b"f", base + b"l", base + b"c")
+            names = _Names(base + b"e", base + b"l", base + b"c")
             if len(self._name_cache) >= _NAME_CACHE_SIZE:
                 self._name_cache.clear()
             self._name_cache[key] = names
@@ -373,29 +484,77 @@ class RedisCache:
 
     @contextlib.contextmanager
     def _mapped(self) -> Iterator[None]:
-        """The one seam where redis-py and OS errors become cache errors."""
+        """The one seam where redis-py and OS errors become cache errors (``_classify`` decides which)."""
         try:
             yield
-        except _UNAVAILABLE as exc:
-            raise CacheUnavailable(f"Redis at {self._address} is unavailable: {exc!r}") from exc
-        except rex.RedisError as exc:
-            raise CacheError(f"Redis at {self._address} failed: {exc!r}") from exc
+        except CacheError:
+            raise
+        except Exception as exc:  # broad on purpose: nothing foreign may escape the cache tier
+            raise _classify(exc, self._address) from exc
 
-    async def _read(self, item_key: bytes) -> list[Any]:
-        """The item hash's version and data in one HMGET."""
+    async def _read(self, entry: bytes) -> list[Any] | None:
+        """The entry's version and data in one HMGET; None if the key holds another type (malformed)."""
         self._check_open()
         if not self._discovered:
             await self._discover()
         if self._limiter is None:
-            with self._mapped():
-                return await self._client.execute_command("HMGET", item_key, b"v", b"d")  # type: ignore[no-any-return]
+            return await self._hmget(entry)
         async with self._limiter:
-            with self._mapped():
-                return await self._client.execute_command("HMGET", item_key, b"v", b"d")  # type: ignore[no-any-return]
+            return await self._hmget(entry)
 
-    async def _run(
-        self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[bytes | str | int, ...]
-    ) -> Any:
+    async def _hmget(self, entry: bytes) -> list[Any] | None:
+        with self._mapped():
+            try:
+                return await self._client.execute_command("HMGET", entry, b"v", b"d")  # type: ignore[no-any-return]
+            except rex.ResponseError as exc:
+                if str(exc).startswith("WRONGTYPE"):
+                    return None
+                raise
+
+    async def _poisoned_entry(self, key: str, names: _Names, raw: bytes | None) -> CacheItem | None:
+        """Count a malformed entry and remove it (only if it is still the one read): a reader's miss."""
+        self._poisoned += 1
+        raw = raw or b""
+        logger.warning("cache entry of %r is malformed (v=%r): served as a miss and removed", key, raw[:40])
+        await self._run(lua.DISCARD, (names.entry,), (raw,))
+        return None
+
+    async def _pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Run ``commands`` in one pipeline (not a transaction); each reply or its error, in order."""
+        self._check_open()
+        if not self._discovered:
+            await self._discover()
+        async with self._limiter if self._limiter is not None else contextlib.nullcontext():
+            with self._mapped():
+                pipe = self._client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def _scripts(
+        self, calls: Sequence[tuple[lua.Script, tuple[bytes, ...], tuple[Any, ...]]]
+    ) -> list[Any]:
+        """Each script call's reply, pipelined in one round trip (a lone call is a plain EVALSHA)."""
+        if not calls:
+            return []
+        if len(calls) == 1:  # one EVALSHA costs less than a pipeline of one
+            script, keys, args = calls[0]
+            return [await self._run(script, keys, args)]
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
+        replies = await self._pipeline(commands)
+        answers = []
+        for (script, keys, args), reply in zip(calls, replies, strict=True):
+            answer = reply
+            if isinstance(reply, rex.NoScriptError):  # the server lost its scripts: EVAL loads it again
+                answer = await self._run(script, keys, args)
+            elif isinstance(reply, Exception):
+                with self._mapped():
+                    raise reply
+            answers.append(answer)
+        return answers
+
+    async def _run(self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[Any, ...]) -> Any:
         self._check_open()
         if not self._discovered:
             await self._discover()
@@ -412,9 +571,7 @@ class RedisCache:
                     await self._client.initialize()
                 self._discovered = True
 
-    async def _eval(
-        self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[bytes | str | int, ...]
-    ) -> Any:
+    async def _eval(self, script: lua.Script, keys: tuple[bytes, ...], args: tuple[Any, ...]) -> Any:
         with self._mapped():
             try:
                 return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -446,8 +603,59 @@ class RedisCache:
 
 def _check_namespace(namespace: object) -> str:
     if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
-        raise ValueError(f"namespace must match [A-Za-z0-9_.-]+, got {namespace!r}")
+        raise InvalidArgument(f"namespace must match [A-Za-z0-9_.-]+, got {namespace!r}")
     return namespace
+
+
+def _classify(exc: Exception, address: str) -> CacheError:
+    """The one place that decides whether a foreign error may pass (``CacheUnavailable``) or not."""
+    if isinstance(exc, rex.ResponseError) and not isinstance(exc, _UNAVAILABLE):
+        if str(exc).startswith(_UNAVAILABLE_REPLIES):
+            return CacheUnavailable(f"Redis at {address} is unavailable: {exc!r}")
+        return CacheError(f"Redis at {address} failed: {exc!r}")
+    if isinstance(exc, _UNAVAILABLE):
+        return CacheUnavailable(f"Redis at {address} is unavailable: {exc!r}")
+    if isinstance(exc, rex.RedisError):
+        return CacheError(f"Redis at {address} failed: {exc!r}")
+    # redis-py's own state errors (an AttributeError on a connection torn down by a Cluster failover,
+    # say) come from a client caught mid-reconnect: the next call gets a fresh connection.
+    return CacheUnavailable(f"Redis client for {address} failed internally: {exc!r}")
+
+
+def _policies(reply: Any) -> list[str]:
+    """The maxmemory-policy values in a CONFIG GET reply (a Cluster answers per node, nested)."""
+    if not isinstance(reply, dict):
+        return []
+    found = []
+    for name, value in reply.items():
+        if isinstance(value, dict):
+            found.extend(_policies(value))
+        elif name in ("maxmemory-policy", b"maxmemory-policy"):
+            found.append(value.decode() if isinstance(value, bytes) else str(value))
+    return found
+
+
+def _lease_arg(lease: int | None) -> str | int:
+    """A lease as a script argument ("" for none)."""
+    return "" if lease is None else lease
+
+
+def _new_incarnation() -> int:
+    """A random incarnation for a key the script may create (used only if the key has none)."""
+    return secrets.randbits(63) or 1
+
+
+_UNTYPED = check_type(None)
+_probe = msgspec.msgpack.Decoder()
+
+
+def _decodes(data: bytes) -> bool:
+    """Whether ``data`` is well-formed msgpack at all (else the entry is malformed, not mistyped)."""
+    try:
+        _probe.decode(data)
+    except msgspec.DecodeError:
+        return False
+    return True
 
 
 def _owner(key: str, lock: LockHandle | None) -> str:

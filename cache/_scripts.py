@@ -1,10 +1,26 @@
 """The Lua scripts behind ``RedisCache``: every compare-and-write is one script over one key's hash tag.
 
-Versions travel as canonical decimal strings (no sign, no leading zeros). Lua numbers are doubles, which
-lose integers above 2**53, so versions are never passed through ``tonumber``: they are compared by length,
-then lexicographically, and incremented digit by digit.
+Wire format 2. All that decides a put lives in ONE hash per cache key (``NS:{T}:e``), so Redis loses it
+together or not at all (a restart without persistence, an eviction, a failover):
 
-Each script returns a flat array whose first element is a status (see ``OK`` ... ``OVERFLOW`` below).
+    v    the item's version (canonical decimal, no sign, no leading zeros)   } only while an item is stored
+    d    the item's value (msgpack)                                          }
+    fl   the floor version, only while NO item is stored (a stored item is always above the floor, so
+         the floor is implied by it and dropped when an item is stored)
+    inc  the key's incarnation: a random 63-bit id set when the hash is created and lost with it
+
+The hash's own expiry is the item's ttl while an item is stored (none: persistent), else the floor's ttl,
+else (only an incarnation, taken by a lease) the lease ttl. The lock (``NS:{T}:l``, "<token>:<fence>")
+and the last fence granted (``NS:{T}:c``) are separate keys under the same hash tag: a fence is
+max(last + 1, the server clock in microseconds), so fences never repeat even after the counter is lost.
+
+Versions travel as canonical decimal strings. Lua numbers are doubles, which lose integers above 2**53,
+so versions are never passed through ``tonumber``: they are compared by length, then lexicographically,
+and incremented digit by digit. A stored ``v`` or ``fl`` that is not a canonical decimal in 0..2**63-1,
+or a key of another Redis type, is malformed: every script treats it as absent, and a put replaces it.
+
+Each script returns a flat array whose first element is a status (see ``OK`` ... ``POISONED`` below),
+except ``PUT_IF_NEWER``, which returns ``STORED``, ``OLDER`` or ``RECREATED``.
 """
 
 from __future__ import annotations
@@ -13,24 +29,31 @@ import hashlib
 
 __all__ = (
     "ADD",
+    "DISCARD",
     "EXISTS",
     "GET_AND_LOCK",
     "GET_IF_NEWER",
     "INSERT",
     "INVALIDATE",
+    "LEASE",
     "LOCKED",
     "LOST",
     "MISMATCH",
     "OK",
+    "OLDER",
     "OVERFLOW",
+    "POISONED",
     "PUT_AND_UNLOCK",
     "PUT_IF_NEWER",
+    "RECREATED",
     "REMOVE",
+    "STORED",
     "UNLOCK",
     "Script",
 )
 
-OK, MISMATCH, EXISTS, LOCKED, LOST, OVERFLOW = 0, 1, 2, 3, 4, 5
+OK, MISMATCH, EXISTS, LOCKED, LOST, OVERFLOW, POISONED = 0, 1, 2, 3, 4, 5, 6
+OLDER, STORED, RECREATED = 0, 1, 2
 
 
 class Script:
@@ -47,13 +70,20 @@ class Script:
         return f"<Script {self.name} {self.sha[:10]}>"
 
 
-# Shared helpers. Keys of one cache key: i = item hash {v, d}, f = floor, l = lock "token:fence",
-# c = fence counter. ttl arguments are milliseconds as decimal strings, "" for none.
+# Shared helpers. ``state(h)`` reads the entry hash as {v, d-less}: v and fl only when well-formed, inc;
+# a key of another type is deleted (it is malformed, and nothing can be decided from it). ttl arguments
+# are milliseconds as decimal strings, "" for none.
 _PRELUDE = """
 local MAX = '9223372036854775807'
 local function vlt(a, b)
   if #a ~= #b then return #a < #b end
   return a < b
+end
+local function valid(s)
+  if not s then return false end
+  if s == '0' then return true end
+  if #s > 19 or not string.match(s, '^[1-9][0-9]*$') then return false end
+  return #s < 19 or s <= MAX
 end
 local function vnext(base)
   if not base then return '1' end
@@ -62,17 +92,30 @@ local function vnext(base)
   if head == '' then return '1' .. string.rep('0', #nines) end
   return string.sub(head, 1, -2) .. string.char(string.byte(head, -1) + 1) .. string.rep('0', #nines)
 end
-local function store(ikey, v, d, ttl)
-  redis.call('HSET', ikey, 'v', v, 'd', d)
-  if ttl == '' then redis.call('PERSIST', ikey) else redis.call('PEXPIRE', ikey, ttl) end
+local function state(h)
+  local got = redis.pcall('HMGET', h, 'v', 'fl', 'inc')
+  if got['err'] then
+    redis.call('DEL', h)
+    return nil, nil, nil
+  end
+  local v, fl = got[1], got[2]
+  if not valid(v) then v = nil end
+  if not valid(fl) then fl = nil end
+  return v, fl, got[3]
 end
-local function raise_floor(fkey, v, ttl)
-  local cur = redis.call('GET', fkey)
-  local pttl = redis.call('PTTL', fkey)
+local function store(h, v, d, ttl, inc, newinc)
+  redis.call('HSET', h, 'v', v, 'd', d, 'inc', inc or newinc)
+  redis.call('HDEL', h, 'fl')
+  if ttl == '' then redis.call('PERSIST', h) else redis.call('PEXPIRE', h, ttl) end
+end
+local function set_floor(h, v, fl, inc, newinc, ttl)
+  if fl and vlt(v, fl) then v = fl end
+  local pttl = redis.call('PTTL', h)
+  redis.call('HDEL', h, 'v', 'd')
+  redis.call('HSET', h, 'fl', v, 'inc', inc or newinc)
   local keep = tonumber(ttl)
-  if pttl > keep then keep = pttl end
-  if cur and not vlt(cur, v) then v = cur end
-  if pttl == -1 then redis.call('SET', fkey, v) else redis.call('SET', fkey, v, 'PX', keep) end
+  if fl and pttl > keep then keep = pttl end
+  redis.call('PEXPIRE', h, keep)
 end
 local function lock_refusal(lkey, owner)
   local held = redis.call('GET', lkey)
@@ -86,11 +129,28 @@ local function lock_refusal(lkey, owner)
 end
 """
 
+LEASE = Script(
+    "lease",
+    """
+local _, _, inc = state(KEYS[1])
+if inc then return inc end
+redis.call('HSET', KEYS[1], 'inc', ARGV[1])
+if redis.call('PTTL', KEYS[1]) == -1 and redis.call('HLEN', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return ARGV[1]
+""",
+)
+
 GET_IF_NEWER = Script(
     "get_if_newer",
     """
-local cur = redis.call('HGET', KEYS[1], 'v')
-if not cur or not vlt(ARGV[1], cur) then return {0} end
+local got = redis.pcall('HMGET', KEYS[1], 'v')
+if got['err'] then return {6} end
+local cur = got[1]
+if not cur then return {0} end
+if not valid(cur) then return {6, cur} end
+if not vlt(ARGV[1], cur) then return {0} end
 return {0, cur, redis.call('HGET', KEYS[1], 'd')}
 """,
 )
@@ -99,22 +159,34 @@ PUT_IF_NEWER = Script(
     "put_if_newer",
     """
 local v = ARGV[1]
-local cur = redis.call('HGET', KEYS[1], 'v')
+local cur, fl, inc = state(KEYS[1])
+if ARGV[4] ~= '' and inc ~= ARGV[4] then return 2 end
 if cur and not vlt(cur, v) then return 0 end
-local floor = redis.call('GET', KEYS[2])
-if floor and not vlt(floor, v) then return 0 end
-store(KEYS[1], v, ARGV[2], ARGV[3])
+if fl and not vlt(fl, v) then return 0 end
+store(KEYS[1], v, ARGV[2], ARGV[3], inc, ARGV[5])
 return 1
+""",
+)
+
+DISCARD = Script(
+    "discard",
+    """
+local got = redis.pcall('HGET', KEYS[1], 'v')
+if (type(got) == 'table' and got['err']) or got == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """,
 )
 
 ADD = Script(
     "add",
     """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {2} end
-local v = vnext(redis.call('GET', KEYS[2]))
+local cur, fl, inc = state(KEYS[1])
+if cur then return {2} end
+local v = vnext(fl)
 if not v then return {5} end
-store(KEYS[1], v, ARGV[1], ARGV[2])
+store(KEYS[1], v, ARGV[1], ARGV[2], inc, ARGV[3])
 return {0, v}
 """,
 )
@@ -122,13 +194,13 @@ return {0, v}
 INSERT = Script(
     "insert",
     """
-local refusal = lock_refusal(KEYS[3], ARGV[4])
+local refusal = lock_refusal(KEYS[2], ARGV[4])
 if refusal then return {refusal} end
-local cur = redis.call('HGET', KEYS[1], 'v')
+local cur, fl, inc = state(KEYS[1])
 if ARGV[3] ~= '' and cur ~= ARGV[3] then return {1, cur or ''} end
-local v = vnext(cur or redis.call('GET', KEYS[2]))
+local v = vnext(cur or fl)
 if not v then return {5} end
-store(KEYS[1], v, ARGV[1], ARGV[2])
+store(KEYS[1], v, ARGV[1], ARGV[2], inc, ARGV[5])
 return {0, v}
 """,
 )
@@ -136,13 +208,12 @@ return {0, v}
 REMOVE = Script(
     "remove",
     """
-local refusal = lock_refusal(KEYS[3], ARGV[2])
+local refusal = lock_refusal(KEYS[2], ARGV[2])
 if refusal then return {refusal} end
-local cur = redis.call('HGET', KEYS[1], 'v')
+local cur, fl, inc = state(KEYS[1])
 if ARGV[1] ~= '' and cur ~= ARGV[1] then return {1, cur or ''} end
 if not cur then return {0, 0} end
-redis.call('DEL', KEYS[1])
-raise_floor(KEYS[2], cur, ARGV[3])
+set_floor(KEYS[1], cur, nil, inc, ARGV[4], ARGV[3])
 return {0, 1}
 """,
 )
@@ -150,9 +221,9 @@ return {0, 1}
 INVALIDATE = Script(
     "invalidate",
     """
-local cur = redis.call('HGET', KEYS[1], 'v')
-if cur and not vlt(ARGV[1], cur) then redis.call('DEL', KEYS[1]) end
-raise_floor(KEYS[2], ARGV[1], ARGV[2])
+local cur, fl, inc = state(KEYS[1])
+if cur and vlt(ARGV[1], cur) then return {0} end
+set_floor(KEYS[1], ARGV[1], fl, inc, ARGV[3], ARGV[2])
 return {0}
 """,
 )
@@ -161,23 +232,29 @@ GET_AND_LOCK = Script(
     "get_and_lock",
     """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {3, redis.call('PTTL', KEYS[2])} end
-redis.call('INCR', KEYS[3])
--- Read the counter back as a string: Lua's tostring of a number turns big integers into 1e+14.
-local fence = redis.call('GET', KEYS[3])
+local last = redis.call('GET', KEYS[3])
+if not valid(last) then last = nil end
+local fence = vnext(last) or MAX
+local now = redis.call('TIME')
+local micros = string.format('%d', tonumber(now[1]) * 1000000 + tonumber(now[2]))
+if vlt(fence, micros) then fence = micros end
+redis.call('SET', KEYS[3], fence)
 redis.call('SET', KEYS[2], ARGV[1] .. ':' .. fence, 'PX', ARGV[2])
-local item = redis.call('HMGET', KEYS[1], 'v', 'd')
-return {0, fence, item[1] or '', item[2] or ''}
+local cur = state(KEYS[1])
+if not cur then return {0, fence, '', ''} end
+return {0, fence, cur, redis.call('HGET', KEYS[1], 'd')}
 """,
 )
 
 PUT_AND_UNLOCK = Script(
     "put_and_unlock",
     """
-if redis.call('GET', KEYS[3]) ~= ARGV[3] then return {4} end
-local v = vnext(redis.call('HGET', KEYS[1], 'v') or redis.call('GET', KEYS[2]))
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return {4} end
+local cur, fl, inc = state(KEYS[1])
+local v = vnext(cur or fl)
 if not v then return {5} end
-store(KEYS[1], v, ARGV[1], ARGV[2])
-redis.call('DEL', KEYS[3])
+store(KEYS[1], v, ARGV[1], ARGV[2], inc, ARGV[4])
+redis.call('DEL', KEYS[2])
 return {0, v}
 """,
 )

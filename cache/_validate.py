@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from ._errors import InvalidKey, InvalidValue, InvalidVersion, ValueTooLarge
+from ._errors import InvalidArgument, InvalidKey, InvalidValue, InvalidVersion, ValueTooLarge
 
 MAX_VERSION = 2**63 - 1
 MAX_KEY_BYTES = 1024
@@ -42,17 +42,52 @@ def check_version(version: object, *, name: str = "version") -> int:
     return version
 
 
-def check_items(items: object) -> list[tuple[str, Any, int]]:
-    """Return ``items`` if it is a sequence of ``(key, value, version)`` with a valid key and version."""
+def check_items(items: object) -> list[tuple[str, Any, int, int | None]]:
+    """``items`` as ``(key, value, version, lease)``: each a ``(key, value, version)`` or
+    ``(key, value, version, lease)`` tuple with a valid key, version and lease."""
     if isinstance(items, str | bytes) or not isinstance(items, Sequence):
         raise InvalidValue(f"items must be a sequence of (key, value, version), not {type(items).__name__}")
     checked = []
     for index, item in enumerate(items):
-        if not isinstance(item, tuple) or len(item) != 3:
-            raise InvalidValue(f"items[{index}] must be a (key, value, version) tuple, not {item!r:.80}")
-        key, value, version = item
-        checked.append((check_key(key), value, check_version(version, name=f"items[{index}] version")))
+        if not isinstance(item, tuple) or len(item) not in (3, 4):
+            raise InvalidValue(
+                f"items[{index}] must be a (key, value, version[, lease]) tuple, not {item!r:.80}"
+            )
+        key, value, version = item[:3]
+        lease = check_lease(item[3], name=f"items[{index}] lease") if len(item) == 4 else None
+        checked.append((check_key(key), value, check_version(version, name=f"items[{index}] version"), lease))
     return checked
+
+
+MAX_LEASE = 2**63 - 1
+
+
+def check_lease(lease: object, *, name: str = "lease") -> int | None:
+    """``lease`` if it is None or an incarnation as ``lease()`` returns it (an int in 1..2**63-1)."""
+    if lease is None:
+        return None
+    if isinstance(lease, bool) or not isinstance(lease, int) or not 1 <= lease <= MAX_LEASE:
+        raise InvalidArgument(
+            f"{name} must be an incarnation from lease() (an int in 1..2**63-1), got {lease!r:.40}"
+        )
+    return lease
+
+
+def check_keys(keys: object) -> list[str]:
+    """``keys`` if it is a sequence (not a str) of valid keys."""
+    if isinstance(keys, str | bytes) or not isinstance(keys, Sequence):
+        raise InvalidKey(f"keys must be a sequence of str, not {type(keys).__name__}")
+    return [check_key(key) for key in keys]
+
+
+def parse_version(raw: object) -> int | None:
+    """A stored version (bytes) as an int, or None if it is not a canonical decimal in 0..2**63-1."""
+    if type(raw) is not bytes or not 0 < len(raw) <= 19 or not raw.isdigit():
+        return None
+    if raw[0] == 48 and len(raw) > 1:  # a leading zero: not what graphcache writes
+        return None
+    version = int(raw)
+    return version if version <= MAX_VERSION else None
 
 
 def check_seconds(value: object, *, name: str, allow_none: bool = True) -> float | None:
@@ -60,25 +95,25 @@ def check_seconds(value: object, *, name: str, allow_none: bool = True) -> float
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number of seconds, not {type(value).__name__}")
+        raise InvalidArgument(f"{name} must be a number of seconds, not {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+        raise InvalidArgument(f"{name} must be a positive, finite number of seconds, got {value!r}")
     return float(value)
 
 
 def check_wait(value: object) -> float:
     """``wait`` may be zero (fail at once) or a positive number of seconds."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"wait must be a number of seconds, not {type(value).__name__}")
+        raise InvalidArgument(f"wait must be a number of seconds, not {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"wait must be >= 0 and finite, got {value!r}")
+        raise InvalidArgument(f"wait must be >= 0 and finite, got {value!r}")
     return float(value)
 
 
 def check_limit(value: object) -> int:
     """``max_value_bytes`` must be a positive int."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_value_bytes must be a positive int, got {value!r}")
+        raise InvalidArgument(f"max_value_bytes must be a positive int, got {value!r}")
     return value
 
 
@@ -88,6 +123,10 @@ def encode_value(value: Any, *, limit: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
         data = _encoder.encode(value)
     except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
         raise InvalidValue(f"value cannot be encoded as msgpack: {exc}") from exc
+    except RecursionError as exc:  # a value that contains itself
+        raise InvalidValue(
+            "value cannot be encoded as msgpack: it is nested too deeply or contains itself"
+        ) from exc
     if len(data) > limit:
         raise ValueTooLarge(f"encoded value is {len(data)} bytes, the limit is {limit}")
     return data

@@ -32,23 +32,29 @@ def _wire_key(namespace: str, key: str, kind: str) -> bytes:
     return f"{namespace}:{{{tag}}}:{kind}".encode()
 
 
-async def test_wire_format_is_a_hash_of_decimal_version_and_msgpack(backend: Backend) -> None:
-    """NS:{b64url(key)}:i holds v (decimal) and d (msgpack), readable without this library."""
+async def test_wire_format_is_a_hash_of_decimal_version_msgpack_and_incarnation(backend: Backend) -> None:
+    """NS:{b64url(key)}:e holds v (decimal), d (msgpack) and inc (decimal), readable without this library."""
     assert backend.raw is not None
-    await backend.cache.put_if_newer("graph:r1", {"nodes": [1, 2]}, 2**62 + 3)
-    raw = await backend.raw.hgetall(_wire_key(backend.namespace, "graph:r1", "i"))
+    lease = await backend.cache.lease("graph:r1")
+    await backend.cache.put_if_newer("graph:r1", {"nodes": [1, 2]}, 2**62 + 3, lease=lease)
+    raw = await backend.raw.hgetall(_wire_key(backend.namespace, "graph:r1", "e"))
     assert raw[b"v"] == str(2**62 + 3).encode()
     assert msgspec.msgpack.decode(raw[b"d"]) == {"nodes": [1, 2]}
+    assert raw[b"inc"] == str(lease).encode()
+    assert set(raw) == {b"v", b"d", b"inc"}
 
 
 async def test_wire_format_of_floor_lock_and_fence(backend: Backend) -> None:
-    """f holds the floor (decimal, with the ttl), l holds "token:fence" (with lock_timeout), c the fence."""
+    """fl in the entry hash holds the floor (the hash expires with its ttl), l holds "token:fence" (with
+    lock_timeout), c the last fence."""
     assert backend.raw is not None
     await backend.cache.invalidate("k", 12, ttl=60)
     _, lock = await backend.cache.get_and_lock("k", lock_timeout=30)
     raw = backend.raw
-    assert await raw.get(_wire_key(backend.namespace, "k", "f")) == b"12"
-    assert 0 < await raw.pttl(_wire_key(backend.namespace, "k", "f")) <= 60_000
+    entry = _wire_key(backend.namespace, "k", "e")
+    assert await raw.hget(entry, "fl") == b"12"
+    assert await raw.hget(entry, "v") is None
+    assert 0 < await raw.pttl(entry) <= 60_000
     assert await raw.get(_wire_key(backend.namespace, "k", "l")) == f"{lock.token}:{lock.fence}".encode()
     assert 0 < await raw.pttl(_wire_key(backend.namespace, "k", "l")) <= 30_000
     assert await raw.get(_wire_key(backend.namespace, "k", "c")) == str(lock.fence).encode()
@@ -56,9 +62,9 @@ async def test_wire_format_of_floor_lock_and_fence(backend: Backend) -> None:
 
 
 async def test_item_ttl_is_the_hash_expiry_and_no_ttl_clears_it(backend: Backend) -> None:
-    """put with ttl sets PEXPIRE on the item hash; a later put without ttl makes it persistent."""
+    """put with ttl sets PEXPIRE on the entry hash; a later put without ttl makes it persistent."""
     assert backend.raw is not None
-    item_key = _wire_key(backend.namespace, "k", "i")
+    item_key = _wire_key(backend.namespace, "k", "e")
     await backend.cache.put_if_newer("k", "a", 1, ttl=100)
     assert 0 < await backend.raw.pttl(item_key) <= 100_000
     await backend.cache.put_if_newer("k", "b", 2)
@@ -66,17 +72,17 @@ async def test_item_ttl_is_the_hash_expiry_and_no_ttl_clears_it(backend: Backend
 
 
 async def test_hostile_keys_stay_inside_the_namespace(backend: Backend) -> None:
-    """Every Redis key written is <namespace>:{base64url tag}:i, one per cache key."""
+    """Every Redis key written is <namespace>:{base64url tag}:e, one per cache key."""
     for index, key in enumerate(HOSTILE_KEYS):
         await backend.cache.put_if_newer(key, index, index + 1)
     raw = await backend.raw_keys()
-    shape = re.compile(rb"%s:\{[A-Za-z0-9_-]+\}:i" % backend.namespace.encode())
+    shape = re.compile(rb"%s:\{[A-Za-z0-9_-]+\}:e" % backend.namespace.encode())
     assert all(shape.fullmatch(k) for k in raw), raw
-    assert sorted(raw) == sorted(_wire_key(backend.namespace, key, "i") for key in HOSTILE_KEYS)
+    assert sorted(raw) == sorted(_wire_key(backend.namespace, key, "e") for key in HOSTILE_KEYS)
 
 
 async def test_all_of_one_keys_state_shares_one_hash_slot(backend: Backend) -> None:
-    """Item, floor, lock and fence counter of a key exist and hash to one slot."""
+    """Entry hash, lock and fence counter of a key exist and hash to one slot."""
     cache = backend.cache
     assert isinstance(cache, RedisCache)
     for key in HOSTILE_KEYS:
@@ -94,7 +100,7 @@ async def test_a_key_cannot_choose_its_slot() -> None:
     cache = RedisCache(Redis(), namespace="ns")
     item = cache.redis_keys("{victim}")[0]
     assert key_slot(item) != key_slot(b"{victim}")
-    assert item == _wire_key("ns", "{victim}", "i")
+    assert item == _wire_key("ns", "{victim}", "e")
     await cache.aclose()
 
 
@@ -145,8 +151,8 @@ async def test_an_existing_client_is_used_and_left_open(redis_url: str, namespac
     client = Redis.from_url(redis_url)
     async with RedisCache(client, namespace=namespace) as cache:
         assert await cache.add("k", "v") == 1
-    assert await client.hget(_wire_key(namespace, "k", "i"), "v") == b"1"
-    await client.delete(_wire_key(namespace, "k", "i"))
+    assert await client.hget(_wire_key(namespace, "k", "e"), "v") == b"1"
+    await client.delete(_wire_key(namespace, "k", "e"))
     await client.aclose()
 
 
