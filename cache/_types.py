@@ -25,9 +25,10 @@ class CacheItem(msgspec.Struct, frozen=True):
 class LockHandle(msgspec.Struct, frozen=True):
     """Proof of a pessimistic lock.
 
-    ``token`` is random and proves ownership; ``fence`` increases with every lock granted on the key
-    (a fencing token a storage write can check); ``expires_at`` is the holder's wall-clock estimate
-    (``time.time()``) of when the lock lapses by itself.
+    ``token`` is random and proves ownership; ``fence`` increases with every lock granted on the key and
+    never repeats, also after Redis lost the key's state (it is never below the server clock in
+    microseconds): a fencing token a storage write can check; ``expires_at`` is the holder's
+    wall-clock estimate (``time.time()``) of when the lock lapses by itself.
     """
 
     key: str
@@ -44,12 +45,32 @@ class VersionedCache(Protocol):
 
     async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None: ...
 
-    async def put_if_newer(self, key: str, value: Any, version: int, *, ttl: float | None = None) -> bool: ...
+    async def versions(self, keys: Sequence[str]) -> list[int | None]:
+        """The stored version of each key (None: absent or malformed), in one round trip where it can."""
+        ...
+
+    async def lease(self, key: str) -> int:
+        """The key's incarnation, created if absent; it dies with the key's state (see DESIGN.md)."""
+        ...
+
+    async def lease_many(self, keys: Sequence[str]) -> list[int]: ...
+
+    async def put_if_newer(
+        self, key: str, value: Any, version: int, *, ttl: float | None = None, lease: int | None = None
+    ) -> bool: ...
 
     async def put_many_if_newer(
-        self, items: Sequence[tuple[str, Any, int]], *, ttl: float | None = None
+        self,
+        items: Sequence[tuple[str, Any, int] | tuple[str, Any, int, int | None]],
+        *,
+        ttl: float | None = None,
     ) -> list[bool]:
-        """``put_if_newer`` of each ``(key, value, version)`` in order, in one round trip where it can."""
+        """``put_if_newer`` of each ``(key, value, version[, lease])`` in order, in one round trip where
+        it can."""
+        ...
+
+    async def discard(self, key: str, version: int) -> bool:
+        """Drop the key's whole state if its item is stored at exactly ``version`` (a malformed entry)."""
         ...
 
     async def add(self, key: str, value: Any, *, ttl: float | None = None) -> int: ...
@@ -71,7 +92,7 @@ class VersionedCache(Protocol):
     async def invalidate(self, key: str, version: int, *, ttl: float = DEFAULT_INVALIDATE_TTL) -> None: ...
 
     async def get_and_lock(
-        self, key: str, *, lock_timeout: float, wait: float = 0
+        self, key: str, *, lock_timeout: float, wait: float = 0, type: Any = None
     ) -> tuple[CacheItem | None, LockHandle]: ...
 
     async def put_and_unlock(
