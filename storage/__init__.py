@@ -9,12 +9,13 @@ from ._errors import (
     StoreUnavailable,
 )
 from ._memory import MemoryStore
-from ._model import Change, Delete, Graph, Node, Op, Snapshot, Upsert
+from ._model import Change, Checkpoint, Delete, Graph, Node, Op, Snapshot, Upsert
 from ._postgres import PostgresStore, install_change_tracking
 from ._protocol import GraphStore
 
 __all__ = (
     "Change",
+    "Checkpoint",
     "ConcurrencyConflict",
     "Delete",
     "Graph",

@@ -27,9 +27,13 @@ connection's loss) wakes the poller at once, otherwise it polls every ``poll_int
 lost NOTIFY is only a delay. Two polls start at least ``min_poll_interval`` seconds apart, so a stream of
 commits is read in batches (one poll per interval) instead of one poll per NOTIFY; while polls keep
 finding rows the feed does not LISTEN at all (see ``_adapt_listening``), so a busy server does not signal
-every feed at every commit. A lost connection is
-replaced at the next step; failed connects and polls back off (capped, jittered, exponential) and the
-feed resumes where it was when the database returns.
+every feed at every commit.
+
+Faults. No transient fault ends or fails the iterator: a lost or broken connection is dropped and replaced
+at the next step; failed connects and polls back off (capped, jittered, exponential: ``_backoff``, the one
+policy), only ``aclose()`` cuts a back-off short, and the feed resumes where it was (its xid bounds are
+kept) when the database returns. ``statistics().failing`` says whether it is failing right now (for a
+readiness check). Only a permanent error (a dropped schema, say) is raised by ``__anext__``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 import anyio
 
-from ._errors import StoreUnavailable
+from ._errors import StoreError, StoreUnavailable
 from ._model import Change
 
 if TYPE_CHECKING:
@@ -69,6 +73,8 @@ class PollResult(NamedTuple):
 
 
 class FeedStatistics(NamedTuple):
+    """A feed's counters and state. New fields go last, with a default."""
+
     delivered: int
     superseded: int
     polls: int
@@ -76,6 +82,7 @@ class FeedStatistics(NamedTuple):
     connects: int
     listening: bool
     watermark: int | None
+    failing: bool = False  # the latest connect or poll failed and no poll has succeeded since
 
 
 class PostgresFeed:
@@ -105,7 +112,7 @@ class PostgresFeed:
         self._conn: Any = None
         self._listening = False  # whether the current connection LISTENs
         self._busy_polls = 0
-        self._failed_in_a_row = 0
+        self._failed_in_a_row = 0  # failed connects and polls since the latest good poll
         self._last_prune: float | None = None
         self._closed = False
         self._delivered = self._superseded = self._polls = self._failed = self._connects = 0
@@ -131,6 +138,7 @@ class PostgresFeed:
             self._connects,
             self._listening and self._connected(),
             self._watermark,
+            self._failed_in_a_row > 0,
         )
 
     def __aiter__(self) -> Self:
@@ -160,6 +168,7 @@ class PostgresFeed:
         await self.aclose()
 
     async def _step(self) -> None:
+        """One poll and the wait after it. Never raises a transient error: it backs off instead."""
         await self._pace()
         if self._closed:
             return
@@ -169,25 +178,29 @@ class PostgresFeed:
             conn = await self._connection()
             result = await self._store._poll(conn, self._lower, self._extra)
         except StoreUnavailable as exc:
+            if self._closing.is_set():  # aclose() took the connection from under the poll: not a fault
+                return
             self._failed += 1
             self._failed_in_a_row += 1
             delay = _backoff(self._poll_interval, self._failed_in_a_row)
             logger.warning("change feed poll failed (retrying in %.2fs): %s", delay, exc)
-            await self._disconnect()  # whatever state it is in, start afresh
-        else:
-            self._polls += 1
-            self._failed_in_a_row = 0
-            self._accept(result)
-            await self._maybe_prune()
-            try:
-                if await self._adapt_listening(conn, busy=bool(self._buffer)):
-                    return
-            except StoreUnavailable as exc:
-                logger.warning("change feed could not switch LISTEN; reconnecting: %s", exc)
-                await self._disconnect()
+            self._drop_connection()  # whatever state it is in, start afresh
+            # Only aclose() cuts a back-off short: the lost connection's own wake-up must not.
+            with anyio.move_on_after(delay):
+                await self._closing.wait()
+            return
+        self._polls += 1
+        self._failed_in_a_row = 0
+        self._accept(result)
+        await self._maybe_prune()
+        try:
+            if await self._adapt_listening(conn, busy=bool(self._buffer)):
                 return
-            delay = self._poll_interval
-        with anyio.move_on_after(delay):
+        except StoreUnavailable as exc:
+            logger.warning("change feed could not switch LISTEN; reconnecting: %s", exc)
+            self._drop_connection()
+            return
+        with anyio.move_on_after(self._poll_interval):
             await self._wake.wait()
 
     async def _adapt_listening(self, conn: Any, *, busy: bool) -> bool:
@@ -242,7 +255,7 @@ class PostgresFeed:
         self._last_prune = now
         try:
             pruned = await self._store.prune_outbox()
-        except StoreUnavailable as exc:
+        except StoreError as exc:  # housekeeping: never a reason to stop delivering
             logger.warning("outbox pruning failed (will retry): %s", exc)
         else:
             if pruned:
@@ -256,14 +269,14 @@ class PostgresFeed:
             return self._conn
         if self._conn is not None:
             logger.warning("change feed connection lost; reconnecting")
-            await self._disconnect()
+            self._drop_connection()
         conn = await self._store._open_feed_connection(self._notified, listen=self._listen)
         self._conn = conn
         self._listening = self._listen
         self._busy_polls = 0
         self._connects += 1
         if self._closed:  # closed while connecting
-            await self._disconnect()
+            self._drop_connection()
             raise StoreUnavailable("the feed was closed")
         return conn
 
@@ -271,6 +284,7 @@ class PostgresFeed:
         self._wake.set()
 
     async def _disconnect(self) -> None:
+        """Close the connection politely (on ``aclose``); never raises."""
         conn, self._conn = self._conn, None
         if conn is None or conn.is_closed():
             return
@@ -278,6 +292,12 @@ class PostgresFeed:
             with anyio.fail_after(1.0):
                 await conn.close()
         except Exception:  # any failure to say goodbye (server gone, timeout): drop the socket instead
+            conn.terminate()
+
+    def _drop_connection(self) -> None:
+        """Drop a connection that failed: it may be in an unknown protocol state, so no goodbye."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
             conn.terminate()
 
 

@@ -9,6 +9,7 @@ of concurrent tasks real (the demo and the race tests rely on it).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
@@ -23,14 +24,16 @@ import anyio
 import msgspec
 
 from ._errors import ConcurrencyConflict, InvalidOperation, RootExists, RootNotFound, StoreUnavailable
-from ._model import Change, Graph, Node, Op
+from ._model import Change, Checkpoint, Graph, Node, Op
 from ._validate import (
     DEFAULT_MAX_DATA_BYTES,
     RowInfo,
+    check_cursor,
     check_data,
     check_expected,
     check_id,
     check_ids,
+    check_limit,
     check_ops,
     check_positive_int,
     plan_apply,
@@ -66,6 +69,7 @@ class MemoryStore:
     """In-process ``GraphStore``; ``latency=(min_s, max_s)`` simulates I/O so concurrent calls interleave.
 
     The change feed keeps the last ``feed_retention`` changes; cursors are 1, 2, 3, ... in commit order.
+    Checkpoints live as long as the store; one is resumable while the feed still keeps every change after it.
     """
 
     def __init__(
@@ -82,6 +86,8 @@ class MemoryStore:
         self._random = random.Random(seed)
         self._max_data_bytes = max_data_bytes
         self._roots: dict[str, _Root] = {}
+        self._sorted_ids: list[str] | None = []  # root ids in order; None: rebuild at the next use
+        self._checkpoints: dict[str, tuple[int, float]] = {}  # name -> (cursor, time.monotonic() saved)
         self._log: deque[Change] = deque(maxlen=feed_retention)
         self._last_cursor = 0
         self._appended = anyio.Event()
@@ -112,6 +118,7 @@ class MemoryStore:
         if root_id in self._roots:
             raise RootExists(f"root {root_id!r} already exists")
         self._roots[root_id] = _Root(_Committed(1, {root_id: _Row(None, data_json, 1)}))
+        self._sorted_ids = None
         self._publish(root_id, 1)
         return 1
 
@@ -168,6 +175,40 @@ class MemoryStore:
         """A cursor for "now": ``changes(after=cursor)`` delivers every change committed after this call."""
         self._check_open()
         return self._last_cursor
+
+    async def save_checkpoint(self, name: str, cursor: int) -> None:
+        """Remember ``cursor`` under ``name`` for as long as the store lives."""
+        check_id(name, name="name")
+        check_cursor(cursor, name="cursor")
+        await self._io()
+        self._check_open()
+        self._checkpoints[name] = (cursor, time.monotonic())
+
+    async def load_checkpoint(self, name: str) -> Checkpoint | None:
+        """The cursor last saved under ``name``, its age, and whether the feed still keeps every change
+        after it (always, unless more than ``feed_retention`` changes were committed since)."""
+        check_id(name, name="name")
+        await self._io()
+        self._check_open()
+        saved = self._checkpoints.get(name)
+        if saved is None:
+            return None
+        cursor, saved_at = saved
+        resumable = not self._log or cursor + 1 >= self._log[0].cursor
+        return Checkpoint(cursor, max(time.monotonic() - saved_at, 0.0), resumable)
+
+    async def root_versions(self, *, after: str | None = None, limit: int = 1000) -> list[tuple[str, int]]:
+        """Committed ``(root_id, version)`` pairs with ``root_id > after``, by root id, at most ``limit``."""
+        if after is not None:
+            check_id(after, name="after")
+        check_limit(limit, name="limit")
+        await self._io()
+        self._check_open()
+        if self._sorted_ids is None:
+            self._sorted_ids = sorted(self._roots)
+        ids = self._sorted_ids
+        start = 0 if after is None else bisect.bisect_right(ids, after)
+        return [(root_id, self._roots[root_id].committed.version) for root_id in ids[start : start + limit]]
 
     def changes(self, *, after: int | None = None) -> _MemoryFeed:
         """The change feed from just after ``after`` (None: from now on)."""

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ("Change", "Delete", "Graph", "Node", "Op", "Snapshot", "Upsert")
+__all__ = ("Change", "Checkpoint", "Delete", "Graph", "Node", "Op", "Snapshot", "Upsert")
 
 
 class Node(msgspec.Struct, frozen=True):
@@ -59,3 +59,19 @@ class Change(msgspec.Struct, frozen=True):
     version: int
     cursor: int
     committed_at: float = 0.0
+
+
+class Checkpoint(msgspec.Struct, frozen=True):
+    """A durable feed position saved with ``save_checkpoint``.
+
+    ``age`` is the seconds since it was saved (by the database server's clock for PostgreSQL, a monotonic
+    clock for ``MemoryStore``); ``resumable`` says whether ``changes(after=cursor)`` can still deliver every
+    change committed after it (PostgreSQL: ``age`` is under the store's outbox ``retention`` and pruning
+    has not deleted any outbox row after the cursor). A checkpoint
+    that is not resumable still names a valid position, but changes after it may have been pruned: the
+    caller must also reconcile (compare ``root_versions``) to catch up.
+    """
+
+    cursor: int
+    age: float
+    resumable: bool

@@ -7,7 +7,9 @@ checked here, and one statement deletes, upserts, bumps the version, writes the 
 The root's lock is held from the first round trip to COMMIT: two round trips, not three.
 ``load`` reads the version and the nodes in one statement (one snapshot, one round trip), or runs the
 service's ``loader`` inside a REPEATABLE READ READ ONLY transaction. asyncpg / OS errors become
-``StoreUnavailable`` / ``StoreError`` in ``_seam`` and nowhere else. Every wait is bounded by
+``StoreUnavailable`` / ``StoreError`` in ``_seam`` and nowhere else (which ones are transient is decided in
+``_classify.py``); a pooled connection that a client-side failure may have left in an unknown protocol
+state is terminated on its way back to the pool (``_connection``). Every wait is bounded by
 ``command_timeout``: connecting and each statement (asyncpg's own timeouts, cheaper than a cancel scope
 per call); waiting for a pooled connection is bounded by the statements of its current holder.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -26,6 +28,7 @@ import anyio
 import asyncpg
 import msgspec
 
+from ._classify import breaks_connection, classify
 from ._errors import (
     ConcurrencyConflict,
     InvalidOperation,
@@ -35,15 +38,17 @@ from ._errors import (
     StoreUnavailable,
 )
 from ._feed import PollResult, PostgresFeed
-from ._model import Graph, Node, Op
+from ._model import Checkpoint, Graph, Node, Op
 from ._schema import Sql, migrate, quote_table
 from ._validate import (
     DEFAULT_MAX_DATA_BYTES,
     RowInfo,
+    check_cursor,
     check_data,
     check_expected,
     check_id,
     check_ids,
+    check_limit,
     check_ops,
     check_positive_int,
     plan_apply,
@@ -58,15 +63,6 @@ DEFAULT_MIN_POLL_INTERVAL = 0.01
 
 Loader = Callable[[Any, str], Awaitable[Graph]]
 """``async fn(conn, root_id) -> Graph`` run inside the snapshot transaction; its ``version`` is replaced."""
-
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset, unreachable (ConnectionError is an OSError)
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,  # connection closed under us, pool closing
-    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now, crash
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-)
 
 _json_encoder = msgspec.json.Encoder()
 _json_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -137,19 +133,22 @@ def _check_seconds(value: object, name: str, *, allow_zero: bool = False) -> flo
 
 @contextlib.contextmanager
 def _seam(address: str) -> Iterator[None]:
-    """The one place where asyncpg and OS errors become storage errors."""
+    """The one place where asyncpg and OS errors become storage errors (``classify`` says which)."""
     try:
         yield
     except StoreError:
         raise
-    except asyncpg.exceptions.ClientConfigurationError as exc:  # before I/O: bad options, not an outage
-        raise InvalidOperation(f"PostgreSQL client configuration for {address}: {exc}") from exc
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(
-            f"PostgreSQL at {address} is unavailable: {type(exc).__name__}: {exc}"
-        ) from exc
-    except asyncpg.PostgresError as exc:
-        raise StoreError(f"PostgreSQL at {address} failed: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is None:  # not a driver or OS error: a bug, ours or a loader's
+            raise
+        if kind is InvalidOperation:  # before I/O: bad options, not an outage
+            raise InvalidOperation(f"PostgreSQL client configuration for {address}: {exc}") from exc
+        if kind is StoreUnavailable:
+            raise StoreUnavailable(
+                f"PostgreSQL at {address} is unavailable: {type(exc).__name__}: {exc}"
+            ) from exc
+        raise kind(f"PostgreSQL at {address} failed: {type(exc).__name__}: {exc}") from exc
 
 
 class PostgresStore:
@@ -236,7 +235,7 @@ class PostgresStore:
         )
         try:
             with store._seam():
-                async with pool.acquire() as conn:
+                async with store._connection() as conn:
                     await migrate(conn, sql)
         except BaseException:
             await store.aclose()
@@ -264,7 +263,8 @@ class PostgresStore:
         check_id(root_id, name="root_id")
         data_json = check_data(data, limit=self._max_data_bytes)
         with self._seam():
-            created = await self._pool.fetchval(self._sql.create_root, root_id, data_json, self._sql.channel)
+            async with self._connection() as conn:
+                created = await conn.fetchval(self._sql.create_root, root_id, data_json, self._sql.channel)
         if not created:
             raise RootExists(f"root {root_id!r} already exists")
         return 1
@@ -276,7 +276,7 @@ class PostgresStore:
         checked = check_ops(root_id, ops, limit=self._max_data_bytes)
         sql = self._sql
         with self._seam():
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._connection() as conn, conn.transaction():
                 rows = await conn.fetch(sql.lock_structure, root_id)
                 if not rows:
                     raise RootNotFound(f"root {root_id!r} not found")
@@ -315,7 +315,8 @@ class PostgresStore:
             return await self._load_with_loader(root_id, self._loader)
         with self._seam():
             # One statement sees one snapshot (also under READ COMMITTED): no BEGIN/COMMIT round trips.
-            rows = await self._pool.fetch(self._sql.graph, root_id)
+            async with self._connection() as conn:
+                rows = await conn.fetch(self._sql.graph, root_id)
         if not rows:
             raise RootNotFound(f"root {root_id!r} not found")
         nodes = {
@@ -337,7 +338,8 @@ class PostgresStore:
         if self._loader is not None:
             return await self._load_many_with_loader(ids, self._loader)
         with self._seam():
-            rows = await self._pool.fetch(self._sql.graphs, ids)
+            async with self._connection() as conn:
+                rows = await conn.fetch(self._sql.graphs, ids)
         versions: dict[str, int] = {}
         nodes: dict[str, dict[str, Node]] = {}
         for row in rows:
@@ -372,7 +374,7 @@ class PostgresStore:
     async def _load_with_loader(self, root_id: str, loader: Loader) -> Graph:
         with self._seam():
             async with (
-                self._pool.acquire() as conn,
+                self._connection() as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 return await self._load_custom(conn, root_id, loader)
@@ -388,7 +390,8 @@ class PostgresStore:
         """The root's committed version."""
         check_id(root_id, name="root_id")
         with self._seam():
-            version = await self._pool.fetchval(self._sql.version, root_id)
+            async with self._connection() as conn:
+                version = await conn.fetchval(self._sql.version, root_id)
         if version is None:
             raise RootNotFound(f"root {root_id!r} not found")
         return int(version)
@@ -396,8 +399,44 @@ class PostgresStore:
     async def cursor(self) -> int:
         """A cursor for "now": ``changes(after=cursor)`` delivers every change committed after this call."""
         with self._seam():
-            watermark: int = await self._pool.fetchval(self._sql.watermark)
+            async with self._connection() as conn:
+                watermark: int = await conn.fetchval(self._sql.watermark)
         return watermark
+
+    async def save_checkpoint(self, name: str, cursor: int) -> None:
+        """Remember ``cursor`` under ``name`` (a durable upsert); ``load_checkpoint(name)`` returns it."""
+        check_id(name, name="name")
+        check_cursor(cursor, name="cursor")
+        with self._seam():
+            async with self._connection() as conn:
+                await conn.execute(self._sql.save_checkpoint, name, cursor)
+
+    async def load_checkpoint(self, name: str) -> Checkpoint | None:
+        """The cursor last saved under ``name``, its age by the server's clock and whether the outbox
+        still holds every change after it (``age < retention`` and pruning never deleted a row after the
+        cursor); None if nothing was saved."""
+        check_id(name, name="name")
+        with self._seam():
+            async with self._connection() as conn:
+                row = await conn.fetchrow(self._sql.load_checkpoint, name)
+        if row is None:
+            return None
+        age: float = row["age"]
+        return Checkpoint(row["cursor"], age, age < self._retention and row["kept"])
+
+    async def root_versions(self, *, after: str | None = None, limit: int = 1000) -> list[tuple[str, int]]:
+        """Committed ``(root_id, version)`` pairs with ``root_id > after``, by root id (code points), at
+        most ``limit``: one index range scan. Page through every root by passing the last id as ``after``."""
+        if after is not None:
+            check_id(after, name="after")
+        check_limit(limit, name="limit")
+        with self._seam():
+            async with self._connection() as conn:
+                if after is None:
+                    rows = await conn.fetch(self._sql.root_versions_first, limit)
+                else:
+                    rows = await conn.fetch(self._sql.root_versions_after, after, limit)
+        return [(row["root_id"], row["version"]) for row in rows]
 
     def changes(self, *, after: int | None = None) -> PostgresFeed:
         """The change feed from cursor ``after`` (None: from the feed's first poll on); see ``_feed.py``."""
@@ -417,8 +456,9 @@ class PostgresStore:
     async def prune_outbox(self) -> int:
         """Delete outbox rows older than the retention period; return how many went."""
         with self._seam():
-            status = await self._pool.execute(self._sql.prune, self._retention)
-        return int(status.rsplit(" ", 1)[-1])
+            async with self._connection() as conn:
+                pruned = await conn.fetchval(self._sql.prune, self._retention)
+        return int(pruned)
 
     async def aclose(self) -> None:
         """Close the feeds (and their connections) and the pool."""
@@ -426,10 +466,23 @@ class PostgresStore:
         for feed in list(self._feeds):
             await feed.aclose()
         try:
-            with anyio.fail_after(self._timeout):
+            with _seam(self.address), anyio.fail_after(self._timeout):
                 await self._pool.close()
-        except (TimeoutError, OSError, asyncpg.InterfaceError):  # server gone: drop the sockets instead
+        except StoreError:  # server gone, a connection broken, a timeout: drop the sockets instead
             self._pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection (use inside the seam). One that a failure may have left unusable or in an
+        unknown protocol state (asyncpg's "cannot switch to state ..." after a killed backend) is
+        terminated rather than handed to the next caller; the pool opens a new one when needed."""
+        async with self._pool.acquire() as conn:
+            try:
+                yield conn
+            except Exception as exc:
+                if breaks_connection(exc):
+                    conn.terminate()
+                raise
 
     # -- what PostgresFeed needs (all through the seam) ---------------------------------------------------
 
@@ -456,12 +509,12 @@ class PostgresStore:
                 server_settings={"application_name": self._sql.feed_name},
             )
             try:
+                conn.add_termination_listener(lambda *_: wake())
                 if listen:
                     await conn.add_listener(self._sql.channel, wake)
             except BaseException:
                 conn.terminate()
                 raise
-        conn.add_termination_listener(lambda *_: wake())
         return conn
 
     async def _set_listening(self, conn: Any, wake: Callable[..., None], *, on: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from ._model import Change, Graph, Op
+from ._model import Change, Checkpoint, Graph, Op
 
 __all__ = ("GraphStore",)
 
@@ -27,5 +27,18 @@ class GraphStore(Protocol):
         ...
 
     def changes(self, *, after: int | None = None) -> AsyncIterator[Change]: ...
+
+    async def save_checkpoint(self, name: str, cursor: int) -> None:
+        """Remember feed position ``cursor`` under ``name`` (durably where the store is durable)."""
+        ...
+
+    async def load_checkpoint(self, name: str) -> Checkpoint | None:
+        """The position last saved under ``name``, with its age and whether it is still resumable."""
+        ...
+
+    async def root_versions(self, *, after: str | None = None, limit: int = 1000) -> list[tuple[str, int]]:
+        """Committed ``(root_id, version)`` pairs with ``root_id > after``, ordered by root id, at most
+        ``limit``: pass the last root id back as ``after`` to page through every root."""
+        ...
 
     async def aclose(self) -> None: ...

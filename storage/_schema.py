@@ -10,6 +10,10 @@ Layout (``{s}`` is the store's schema, quoted):
     {s}.bump_root(root_id), {s}.track_change()      the triggers of ``install_change_tracking``
     {s}.lock_structure(root_id)                     apply's first step: lock the root, then read its
                                                     structure in a fresh snapshot (one round trip)
+    {s}.checkpoints (name PK, cursor, saved_at)     durable feed positions (``save_checkpoint``)
+    {s}.outbox_pruned (max_xid)                     one row: the highest xid pruning ever deleted; a
+                                                    checkpoint at or below it lost a change after it
+    {s}.roots_by_code_point                         roots by id in code-point order (``root_versions``)
 
 ``outbox.xid`` is the writing transaction's id (``pg_current_xact_id()``); the feed uses it with snapshot
 xmin/xip to deliver a row whose transaction committed late (see ``_feed.py``). Migrations run under a
@@ -26,7 +30,7 @@ from ._errors import InvalidOperation, StoreError
 
 __all__ = ("SCHEMA_VERSION", "Sql", "channel_name", "migrate", "quote_ident", "quote_table")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 _MIGRATIONS: dict[int, str] = {
@@ -112,6 +116,20 @@ BEGIN
         SELECT locked, n.id, n.parent_id, n.row_version FROM {s}.nodes AS n WHERE n.root_id = rid;
 END
 $fn$;
+""",
+    # Durable feed positions (and what pruning took, to tell whether one is still resumable), and root
+    # ids in code-point order (COLLATE "C": UTF-8 byte order) whatever the database's collation, so a
+    # sweep pages through roots in the order Python compares str. Idempotent: a schema set back to an
+    # older level by hand is upgraded again.
+    3: """
+CREATE TABLE IF NOT EXISTS {s}.checkpoints (
+    name     text        PRIMARY KEY,
+    cursor   bigint      NOT NULL,
+    saved_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.outbox_pruned (max_xid bigint NOT NULL);
+INSERT INTO {s}.outbox_pruned (max_xid) SELECT -1 WHERE NOT EXISTS (SELECT FROM {s}.outbox_pruned);
+CREATE INDEX IF NOT EXISTS roots_by_code_point ON {s}.roots (root_id COLLATE "C");
 """,
 }
 
@@ -203,7 +221,31 @@ FROM snap
 LEFT JOIN {s}.outbox AS o ON (o.xid >= $1 AND o.xid < $3) OR o.xid = ANY($2::bigint[])
 ORDER BY o.xid, o.id"""
         self.watermark = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-        self.prune = f"DELETE FROM {s}.outbox WHERE committed_at < extract(epoch FROM clock_timestamp()) - $1"
+        self.prune = f"""
+WITH gone AS (
+    DELETE FROM {s}.outbox WHERE committed_at < extract(epoch FROM clock_timestamp()) - $1 RETURNING xid
+), marked AS (
+    UPDATE {s}.outbox_pruned SET max_xid = greatest(max_xid, (SELECT max(xid) FROM gone))
+    WHERE EXISTS (SELECT FROM gone)
+)
+SELECT count(*) FROM gone"""
+        self.save_checkpoint = (
+            f"INSERT INTO {s}.checkpoints (name, cursor, saved_at) VALUES ($1, $2, now())"
+            f" ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor, saved_at = excluded.saved_at"
+        )
+        # Age by the server's clock only: the client's may differ; never negative if the clock steps back.
+        # "kept": pruning never deleted a row the cursor would deliver (xid >= cursor).
+        self.load_checkpoint = (
+            f"SELECT c.cursor, greatest(extract(epoch FROM now() - c.saved_at), 0)::float8 AS age,"
+            f" c.cursor > coalesce((SELECT max(p.max_xid) FROM {s}.outbox_pruned AS p), -1) AS kept"
+            f" FROM {s}.checkpoints AS c WHERE c.name = $1"
+        )
+        by_code_point = 'root_id COLLATE "C"'  # matches the roots_by_code_point index
+        self.root_versions_first = f"SELECT root_id, version FROM {s}.roots ORDER BY {by_code_point} LIMIT $1"
+        self.root_versions_after = (
+            f"SELECT root_id, version FROM {s}.roots WHERE {by_code_point} > $1"
+            f" ORDER BY {by_code_point} LIMIT $2"
+        )
 
     def install_trigger(self, table: str, root_column: str) -> str:
         """The statement that installs change tracking on ``table`` (checked identifiers only)."""

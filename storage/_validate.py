@@ -19,16 +19,19 @@ from ._model import Delete, Upsert
 __all__ = (
     "DEFAULT_MAX_DATA_BYTES",
     "MAX_ID_BYTES",
+    "MAX_PAGE",
     "MAX_VERSION",
     "CheckedDelete",
     "CheckedOp",
     "CheckedUpsert",
     "Plan",
     "RowInfo",
+    "check_cursor",
     "check_data",
     "check_expected",
     "check_id",
     "check_ids",
+    "check_limit",
     "check_ops",
     "check_positive_int",
     "plan_apply",
@@ -37,6 +40,8 @@ __all__ = (
 MAX_VERSION = 2**63 - 1
 MAX_ID_BYTES = 512
 DEFAULT_MAX_DATA_BYTES = 1024 * 1024
+MAX_PAGE = 100_000
+"""The most rows one ``root_versions`` call returns."""
 _MAX_DEPTH = 64
 _MAX_FLOAT = 1e16
 
@@ -111,6 +116,21 @@ def check_expected(value: object, *, name: str) -> int | None:
         raise InvalidOperation(f"{name} must be an int or None, not {type(value).__name__}")
     if not 0 <= value <= MAX_VERSION:
         raise InvalidOperation(f"{name} must be in 0..2**63-1, got {value}")
+    return value
+
+
+def check_cursor(value: object, *, name: str = "cursor") -> int:
+    """Return ``value`` if it is an int (not bool) in 0..2**63-1."""
+    checked = check_expected(value, name=name)
+    if checked is None:
+        raise InvalidOperation(f"{name} must be an int, not None")
+    return checked
+
+
+def check_limit(value: object, *, name: str = "limit", maximum: int = MAX_PAGE) -> int:
+    """Return ``value`` if it is an int (not bool) in 1..maximum."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidOperation(f"{name} must be an int in 1..{maximum}, got {value!r}")
     return value
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from storage import Change, Graph, GraphStore, MemoryStore, Op, StoreUnavailable
+from storage import Change, Checkpoint, Graph, GraphStore, MemoryStore, Op, StoreUnavailable
 
 
 class WrappedStore:
@@ -36,6 +36,15 @@ class WrappedStore:
 
     def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
         return self.inner.changes(after=after)
+
+    async def save_checkpoint(self, name: str, cursor: int) -> None:
+        await self.inner.save_checkpoint(name, cursor)
+
+    async def load_checkpoint(self, name: str) -> Checkpoint | None:
+        return await self.inner.load_checkpoint(name)
+
+    async def root_versions(self, *, after: str | None = None, limit: int = 1000) -> list[tuple[str, int]]:
+        return await self.inner.root_versions(after=after, limit=limit)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

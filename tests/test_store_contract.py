@@ -12,6 +12,7 @@ import pytest
 
 from storage import (
     Change,
+    Checkpoint,
     ConcurrencyConflict,
     Delete,
     Graph,
@@ -21,6 +22,7 @@ from storage import (
     PostgresStore,
     RootExists,
     RootNotFound,
+    StoreUnavailable,
     Upsert,
 )
 
@@ -410,3 +412,121 @@ async def test_feed_from_cursor_delivers_what_commits_after_it(store: Store) -> 
     assert (seen[-1].root_id, seen[-1].version) == ("new", 1)
     if isinstance(store, MemoryStore):  # exact; PostgreSQL's cursor is a watermark that may re-deliver
         assert len(seen) == 1
+
+
+async def test_a_checkpoint_round_trips_and_a_later_save_replaces_it(store: Store) -> None:
+    """load_checkpoint gives the cursor last saved under that name (None before any), fresh and resumable."""
+    assert await store.load_checkpoint("node-a") is None
+    await store.save_checkpoint("node-a", 0)
+    await store.save_checkpoint("node-b", 2**63 - 1)
+    await store.save_checkpoint("node-a", 17)
+    first, second = await store.load_checkpoint("node-a"), await store.load_checkpoint("node-b")
+    assert isinstance(first, Checkpoint)
+    assert (first.cursor, first.resumable) == (17, True)
+    assert first.age >= 0.0
+    assert second is not None
+    assert second.cursor == 2**63 - 1
+    assert await store.load_checkpoint("node-c") is None
+
+
+async def test_a_saved_feed_cursor_resumes_the_feed_without_loss(store: Store) -> None:
+    """A cursor the feed delivered, saved and loaded again, resumes the feed with everything after it."""
+    feed = store.changes(after=await store.cursor())
+    async with feed:
+        await store.create_root("r", {})
+        seen = await collect_until(feed, {"r": 1}, defaultdict(list))
+    await store.save_checkpoint("node", seen[-1].cursor)
+    for step in range(3):
+        await store.apply("r", [Upsert("x", "r", {"step": step})])
+    checkpoint = await store.load_checkpoint("node")
+    assert checkpoint is not None
+    assert checkpoint.resumable
+    got: dict[str, list[int]] = defaultdict(list)
+    async with store.changes(after=checkpoint.cursor) as resumed:
+        await collect_until(resumed, {"r": 4}, got)
+    assert [version for version in got["r"] if version > 1] == [2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("name", "cursor"),
+    [
+        ("", 1),
+        (5, 1),
+        (None, 1),
+        ("x" * 600, 1),
+        ("a\x00b", 1),
+        ("ok", -1),
+        ("ok", True),
+        ("ok", 1.0),
+        ("ok", None),
+        ("ok", "1"),
+        ("ok", 2**63),
+    ],
+)
+async def test_bad_checkpoint_input_raises_invalid_operation_before_any_io(
+    store: Store, name: Any, cursor: Any
+) -> None:
+    """A bad checkpoint name or cursor is InvalidOperation even on a closed store: nothing was sent."""
+    await store.aclose()
+    with pytest.raises(InvalidOperation):
+        await store.save_checkpoint(name, cursor)
+    if not isinstance(name, str) or name != "ok":
+        with pytest.raises(InvalidOperation):
+            await store.load_checkpoint(name)
+    with pytest.raises(StoreUnavailable):  # and a good call on the closed store would have been I/O
+        await store.save_checkpoint("ok", 1)
+
+
+async def test_root_versions_pages_through_every_root_in_code_point_order(store: Store) -> None:
+    """root_versions lists committed (root_id, version) by root id as Python orders str, page by page."""
+    ids = ["b", "a", "ä", "B", "a1", "z", "é", "🙂", "a b", "Z9"]
+    for root_id in ids:
+        await store.create_root(root_id, {})
+    await store.apply("a1", [Upsert("x", "a1", {})])
+    await store.apply("🙂", [Upsert("x", "🙂", {})])
+    await store.apply("🙂", [Upsert("y", "🙂", {})])
+    expected = [(root_id, {"a1": 2, "🙂": 3}.get(root_id, 1)) for root_id in sorted(ids)]
+    assert await store.root_versions() == expected
+    pages: list[list[tuple[str, int]]] = []
+    after: str | None = None
+    while page := await store.root_versions(after=after, limit=3):
+        pages.append(page)
+        after = page[-1][0]
+    assert [len(page) for page in pages] == [3, 3, 3, 1]
+    assert [pair for page in pages for pair in page] == expected
+    assert await store.root_versions(after="a0", limit=2) == [("a1", 2), ("b", 1)]  # "a0" is no root
+    assert await store.root_versions(after="🙂") == []
+    assert await store.root_versions(after="\ue000" * 3) == [("🙂", 3)]
+
+
+async def test_root_versions_of_an_empty_store_is_empty(store: Store) -> None:
+    """No roots, no pairs."""
+    assert await store.root_versions() == []
+    assert await store.root_versions(after="x", limit=100_000) == []
+
+
+@pytest.mark.parametrize(
+    ("after", "limit"),
+    [
+        (None, 0),
+        (None, -1),
+        (None, 100_001),
+        (None, True),
+        (None, 1.5),
+        (None, None),
+        (None, "10"),
+        ("", 10),
+        (5, 10),
+        ("x" * 600, 10),
+        ("a\x00b", 10),
+    ],
+)
+async def test_bad_root_versions_input_raises_invalid_operation_before_any_io(
+    store: Store, after: Any, limit: Any
+) -> None:
+    """A bad after or limit is InvalidOperation even on a closed store: nothing was sent."""
+    await store.aclose()
+    with pytest.raises(InvalidOperation):
+        await store.root_versions(after=after, limit=limit)
+    with pytest.raises(StoreUnavailable):
+        await store.root_versions()

@@ -261,17 +261,20 @@ async def test_concurrent_connects_migrate_the_schema_once(
 async def test_a_version_1_schema_is_upgraded_on_connect(
     connect: Connect, raw: asyncpg.Connection, pg_schema: str
 ) -> None:
-    """A schema left at version 1 (no lock_structure) gets it on the next connect, data untouched."""
+    """A schema left at version 1 (no lock_structure, no checkpoints) gets them on the next connect."""
     old = await connect()
     await old.create_root("r", {"kept": True})
     await old.aclose()
     s = f'"{pg_schema}"'
     await raw.execute(f"DROP FUNCTION {s}.lock_structure(text)")
+    await raw.execute(f"DROP TABLE {s}.checkpoints, {s}.outbox_pruned")
+    await raw.execute(f"DROP INDEX {s}.roots_by_code_point")
     await raw.execute(f"UPDATE {s}.schema_version SET version = 1")
     store = await connect()
     assert await raw.fetchval(f"SELECT version FROM {s}.schema_version") == SCHEMA_VERSION
     assert await store.apply("r", [Upsert("c", "r", {})]) == 2
     assert (await store.load("r")).nodes["r"].data == {"kept": True}
+    assert await store.load_checkpoint("n") is None
 
 
 async def test_repr_shows_live_state(connect: Connect, pg_schema: str) -> None:

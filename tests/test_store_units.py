@@ -1,11 +1,15 @@
-"""Unit-level specs: the apply plan, MemoryStore's own knobs, and the feed's ordering rules."""
+"""Unit-level specs: the apply plan, MemoryStore's own knobs, the feed's ordering and fault rules, and
+which driver errors are transient."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import asyncpg
+import asyncpg.utils
 import pytest
 
 from storage import (
@@ -13,10 +17,13 @@ from storage import (
     Delete,
     InvalidOperation,
     MemoryStore,
+    StoreError,
     StoreUnavailable,
     Upsert,
 )
-from storage._feed import PollResult, PostgresFeed, _per_root_increasing
+from storage._classify import breaks_connection, classify
+from storage._feed import FeedStatistics, PollResult, PostgresFeed, _per_root_increasing
+from storage._postgres import _seam
 from storage._validate import RowInfo, check_ops, plan_apply
 
 pytestmark = pytest.mark.anyio
@@ -124,11 +131,17 @@ def test_within_a_poll_each_roots_changes_come_in_version_order() -> None:
 
 
 class FakeConnection:
+    def __init__(self) -> None:
+        self.terminated = False
+
     def is_closed(self) -> bool:
-        return False
+        return self.terminated
 
     async def close(self) -> None:
         pass
+
+    def terminate(self) -> None:
+        self.terminated = True
 
 
 class ScriptedStore:
@@ -204,3 +217,200 @@ async def test_closing_a_memory_feed_ends_a_waiting_consumer() -> None:
             await feed.aclose()
     assert received == []
     await store.aclose()
+
+
+async def test_memory_checkpoints_stop_being_resumable_once_the_feed_dropped_changes_after_them() -> None:
+    """A MemoryStore checkpoint is resumable while the feed still keeps every change after its cursor."""
+    store = MemoryStore(feed_retention=3)
+    await store.create_root("r", {})
+    await store.save_checkpoint("kept", await store.cursor())
+    for _ in range(3):  # cursors 2, 3, 4: the feed keeps exactly these
+        await store.apply("r", [Upsert("x", "r", {})])
+    kept = await store.load_checkpoint("kept")
+    assert kept is not None
+    assert (kept.cursor, kept.resumable) == (1, True)
+    await store.apply("r", [Upsert("x", "r", {})])  # cursor 5: cursor 2, right after the checkpoint, is gone
+    lost = await store.load_checkpoint("kept")
+    assert lost is not None
+    assert (lost.cursor, lost.resumable) == (1, False)
+    await store.save_checkpoint("fresh", await store.cursor())
+    fresh = await store.load_checkpoint("fresh")
+    assert fresh is not None
+    assert fresh.resumable
+
+
+def _raised_inside_asyncpg() -> BaseException:
+    try:
+        asyncpg.utils._quote_ident(None)  # type: ignore[arg-type]  # an AttributeError from asyncpg's code
+    except AttributeError as exc:
+        return exc
+    raise AssertionError("asyncpg.utils._quote_ident(None) did not raise")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (asyncpg.exceptions.InternalClientError("cannot switch to state 12"), StoreUnavailable),
+        (asyncpg.exceptions.ProtocolError("unexpected message"), StoreUnavailable),
+        (asyncpg.exceptions.OutdatedSchemaCacheError("stale type cache"), StoreUnavailable),
+        (asyncpg.InterfaceError("connection is closed"), StoreUnavailable),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation"), StoreUnavailable),
+        (asyncpg.exceptions.ConnectionFailureError("failure"), StoreUnavailable),
+        (asyncpg.exceptions.AdminShutdownError("terminating connection"), StoreUnavailable),
+        (asyncpg.exceptions.CrashShutdownError("crash"), StoreUnavailable),
+        (asyncpg.exceptions.CannotConnectNowError("starting up"), StoreUnavailable),
+        (asyncpg.exceptions.TooManyConnectionsError("too many"), StoreUnavailable),
+        (asyncpg.exceptions.OutOfMemoryError("oom"), StoreUnavailable),
+        (asyncpg.exceptions.SerializationError("serialize"), StoreUnavailable),
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock"), StoreUnavailable),
+        (asyncpg.exceptions.QueryCanceledError("statement timeout"), StoreUnavailable),
+        (asyncpg.exceptions.InvalidCachedStatementError("cached plan"), StoreUnavailable),
+        (ConnectionResetError(104, "reset"), StoreUnavailable),
+        (OSError(113, "no route"), StoreUnavailable),
+        (TimeoutError(), StoreUnavailable),
+        (asyncio.IncompleteReadError(b"", 5), StoreUnavailable),
+        (asyncio.InvalidStateError("invalid state"), StoreUnavailable),
+        (_raised_inside_asyncpg(), StoreUnavailable),
+        (asyncpg.exceptions.UndefinedTableError("no such table"), StoreError),
+        (asyncpg.exceptions.InsufficientPrivilegeError("denied"), StoreError),
+        (asyncpg.exceptions.UniqueViolationError("duplicate"), StoreError),
+        (asyncpg.exceptions.UnknownPostgresError("??"), StoreError),
+        (asyncpg.exceptions.DataError("cannot encode"), StoreError),
+        (asyncpg.exceptions.ClientConfigurationError("bad option"), InvalidOperation),
+        (ValueError("our own bug"), None),
+        (KeyError("a loader's bug"), None),
+        (asyncio.CancelledError(), None),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_driver_errors_are_classified_transient_or_permanent_in_one_table(
+    error: BaseException, expected: type[StoreError] | None
+) -> None:
+    """classify maps a driver/OS error to StoreUnavailable, StoreError or InvalidOperation; others to None."""
+    assert classify(error) is expected
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (asyncpg.exceptions.InternalClientError("cannot switch to state 12"), StoreUnavailable),
+        (asyncpg.exceptions.AdminShutdownError("terminating connection"), StoreUnavailable),
+        (asyncio.InvalidStateError("invalid state"), StoreUnavailable),
+        (asyncpg.exceptions.UndefinedTableError("no such table"), StoreError),
+    ],
+)
+def test_the_seam_raises_the_storage_error_from_the_driver_error(
+    error: BaseException, expected: type[StoreError]
+) -> None:
+    """The seam raises the classified storage error, naming the address, with the driver error as cause."""
+    with pytest.raises(expected, match=r"db\.example:5433") as caught, _seam("db.example:5433"):
+        raise error
+    assert type(caught.value) is expected
+    assert caught.value.__cause__ is error
+
+
+def test_the_seam_lets_storage_errors_and_bugs_through_unchanged() -> None:
+    """A StoreError raised inside the seam, or an error that is not the driver's, passes as it is."""
+    mine = ConcurrencyConflict("nothing was committed")
+    with pytest.raises(ConcurrencyConflict) as caught, _seam("h:1"):
+        raise mine
+    assert caught.value is mine
+    with pytest.raises(ZeroDivisionError), _seam("h:1"):
+        _ = 1 / 0
+
+
+@pytest.mark.parametrize(
+    ("error", "breaks"),
+    [
+        (asyncpg.exceptions.InternalClientError("cannot switch to state 12"), True),
+        (asyncpg.InterfaceError("connection is closed"), True),
+        (asyncpg.exceptions.AdminShutdownError("terminating connection"), True),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation"), True),
+        (TimeoutError(), True),
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock"), False),
+        (asyncpg.exceptions.SerializationError("serialize"), False),
+        (asyncpg.exceptions.QueryCanceledError("statement timeout"), False),
+        (asyncpg.exceptions.UndefinedTableError("no such table"), False),
+        (ValueError("our own bug"), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_only_errors_that_may_break_the_session_drop_the_pooled_connection(
+    error: BaseException, breaks: bool
+) -> None:
+    """A lost socket or protocol-state error drops the connection; a deadlock or a timeout keeps it."""
+    assert breaks_connection(error) is breaks
+
+
+class FailingStore(ScriptedStore):
+    """Its first ``failures`` polls fail the way a killed connection does: the connection's termination
+    wakes the feed, then the poll raises StoreUnavailable. Later polls hand out the scripted results."""
+
+    def __init__(self, failures: int, polls: list[PollResult]) -> None:
+        super().__init__(polls)
+        self.failures = failures
+        self.attempts = 0
+        self.wake: Any = None
+        self.connections: list[FakeConnection] = []
+
+    async def _open_feed_connection(self, wake: Any, *, listen: bool) -> Any:
+        self.wake = wake
+        self.connections.append(FakeConnection())
+        return self.connections[-1]
+
+    async def _poll(self, conn: Any, lower: int, extra: Sequence[int]) -> PollResult:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            self.wake()  # the lost connection's termination listener fires first
+            raise StoreUnavailable("terminating connection due to administrator command")
+        return await super()._poll(conn, lower, extra)
+
+
+async def test_a_failing_feed_reports_it_backs_off_and_delivers_once_polls_succeed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A poll failure sets statistics().failing and drops the connection; the next good poll clears it."""
+    monkeypatch.setattr("storage._feed._backoff", lambda base, attempt: 0.0)
+    store = FailingStore(2, [PollResult(100, 101, [], [("a", 1, 0.0)]), PollResult(101, 101, [], [])])
+    feed = PostgresFeed(store, 90, listen=False, poll_interval=0.01)  # type: ignore[arg-type]
+    store.feed = feed
+    assert feed.statistics().failing is False
+    with anyio.fail_after(10):  # a hang guard
+        first = await feed.__anext__()
+        assert (first.root_id, first.version) == ("a", 1)
+        statistics = feed.statistics()
+        assert (statistics.failed, statistics.polls, statistics.failing) == (2, 1, False)
+        assert [conn.terminated for conn in store.connections] == [True, True, False]
+        assert [change async for change in feed] == []
+    assert store.attempts == 4
+
+
+async def test_a_back_off_is_not_cut_short_by_the_lost_connections_wake_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a failed poll the feed waits out its back-off even though the dead connection woke it."""
+    monkeypatch.setattr("storage._feed._backoff", lambda base, attempt: 3600.0)
+    store = FailingStore(1, [PollResult(100, 101, [], [])])
+    feed = PostgresFeed(store, 90, listen=False, poll_interval=0.01)  # type: ignore[arg-type]
+    ended = anyio.Event()
+
+    async def consume() -> None:
+        assert [change async for change in feed] == []
+        ended.set()
+
+    with anyio.fail_after(10):  # a hang guard
+        async with anyio.create_task_group() as group:
+            group.start_soon(consume)
+            await anyio.wait_all_tasks_blocked()
+            assert store.attempts == 1
+            assert feed.statistics().failing
+            await feed.aclose()  # the only thing that cuts a back-off short
+            await ended.wait()
+    assert store.attempts == 1
+
+
+def test_feed_statistics_grow_with_defaulted_fields_at_the_end() -> None:
+    """FeedStatistics built from the seven original fields still works; failing defaults to False."""
+    statistics = FeedStatistics(1, 0, 2, 0, 1, True, 5)
+    assert statistics.failing is False
+    assert FeedStatistics._fields[-1] == "failing"
