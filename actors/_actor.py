@@ -24,14 +24,15 @@ from typing import Any
 import anyio
 import anyio.abc
 from anyio import WouldBlock
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+from tenacity import RetryCallState
 
-from cache import CacheUnavailable, VersionedCache
-from storage import GraphStore, StoreUnavailable
+from cache import VersionedCache
+from storage import GraphStore
 
 from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument
 from ._messages import Changed, Message, Refresh, Stop
+from ._retry import RetryPolicy, is_transient
 from ._stats import ActorStatistics, Counters
 from ._validate import check_positive, check_root_id, check_version
 
@@ -39,21 +40,9 @@ __all__ = ("DEFAULT_MIN_REBUILD_INTERVAL", "RootActor")
 
 logger = logging.getLogger(__name__)
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    StoreUnavailable,
-    CacheUnavailable,
-    OSError,
-    TimeoutError,
-)
-"""Failures worth retrying: the backend may come back. Anything else is given up (and logged)."""
-
 
 DEFAULT_MIN_REBUILD_INTERVAL = 0.1
 """Seconds between the starts of two rebuilds of one root (see README.md, "Pacing", for the trade-off)."""
-
-
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT_ERRORS)
 
 
 class RootActor:
@@ -83,8 +72,7 @@ class RootActor:
         if isinstance(mailbox_size, bool) or not isinstance(mailbox_size, int) or mailbox_size < 1:
             raise InvalidArgument(f"mailbox_size must be an int >= 1, got {mailbox_size!r}")
         self._idle_timeout = check_positive(idle_timeout, name="idle_timeout")
-        self._retry_initial = check_positive(retry_initial, name="retry_initial")
-        self._retry_max = check_positive(retry_max, name="retry_max")
+        self._retry = RetryPolicy(retry_initial, retry_max)
         self._min_interval = check_positive(
             min_rebuild_interval, name="min_rebuild_interval", allow_zero=True
         )
@@ -261,22 +249,15 @@ class RootActor:
         try:
             await self._rebuild_once(target, since)  # the common case, without the retry machinery
         except Exception as exc:  # broad on purpose: a failing root must never take the node down
-            if not _is_transient(exc):
+            if not is_transient(exc):
                 self._give_up(target, exc)
                 return
             self._note_failure(1, 0.0, exc)
             await self._rebuild_with_retries(target, since)
 
     async def _rebuild_with_retries(self, target: int, since: float | None) -> None:
-        retrying = AsyncRetrying(
-            wait=wait_random_exponential(multiplier=self._retry_initial, max=self._retry_max),
-            retry=retry_if_exception(_is_transient),
-            before_sleep=self._on_retry,
-            sleep=anyio.sleep,
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
+            async for attempt in self._retry.retrying(before_sleep=self._on_retry):
                 with attempt:
                     await self._rebuild_once(target, since)
         except Exception as exc:  # broad on purpose: a failing root must never take the node down

@@ -13,6 +13,14 @@ in the open batch and go together when a slot frees up. An idle node adds no del
 
 Safety does not change: each graph is one snapshot of its root (``load_many`` reads one snapshot of them
 all), and each put is the cache's own atomic set-if-newer.
+
+Leases. Before a batch loads, the rebuilder holds a lease (the key's incarnation) for each of its roots,
+taken in one pipelined ``lease_many`` for the roots it holds none for; every put carries it. A lease taken
+before a load stays good for any later load, so a root keeps its lease from one rebuild to the next and a
+rebuild costs no extra round trip. If the cache lost the key meanwhile (a restart without persistence, an
+eviction), the put is refused: the graph was loaded before the loss and may be older than what readers
+saw. A refused put is then checked with a fresh lease: if the key's incarnation changed, the root is
+loaded again under the new lease and put again, and counted in ``recreated``.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from cache import VersionedCache
+from cache import CacheUnavailable, VersionedCache
 from storage import Graph, GraphStore, RootNotFound
 
 from ._keys import graph_key
@@ -36,6 +44,12 @@ DEFAULT_MAX_BATCH = 64
 
 DEFAULT_MAX_FLUSHES = 2
 """Batches in flight at once; further rebuilds wait in the open batch."""
+
+DEFAULT_REMEMBER_LEASES = 100_000
+"""Roots whose lease a rebuilder keeps (oldest forgotten first; a forgotten one is leased again)."""
+
+_RELOADS = 3
+"""Loads of one root in one flush when its key keeps being recreated under it."""
 
 LoadMany = Callable[[Sequence[str]], Awaitable[dict[str, Graph]]]
 
@@ -65,9 +79,13 @@ class Rebuilder:
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_flushes: int = DEFAULT_MAX_FLUSHES,
+        remember_leases: int = DEFAULT_REMEMBER_LEASES,
     ) -> None:
         self._store = store
         self._cache = cache
+        self._leases: dict[str, int] = {}
+        self._remember_leases = check_count(remember_leases, name="remember_leases")
+        self.recreated = 0  # keys found recreated (lost by the cache) under a lease
         self._load_many: LoadMany | None = getattr(store, "load_many", None)
         self._max_batch = check_count(max_batch, name="max_batch")
         self._slots = anyio.Semaphore(check_count(max_flushes, name="max_flushes"))
@@ -108,30 +126,86 @@ class Rebuilder:
                 self._open = None
             batch.done.set()
 
+    # -- leases ----------------------------------------------------------------------------------------
+
+    async def lease(self, root_id: str) -> int:
+        """The lease this rebuilder holds for ``root_id``'s key, taken now if it holds none."""
+        lease = self._leases.get(root_id)
+        if lease is None:
+            lease = await self._cache.lease(graph_key(root_id))
+            self._keep_lease(root_id, lease)
+        return lease
+
+    async def recreated_since(self, root_id: str, lease: int) -> bool:
+        """After a refused put: whether the key's incarnation is no longer ``lease`` (now leased anew)."""
+        return bool(await self._relapsed([root_id], {root_id: lease}))
+
+    def _keep_lease(self, root_id: str, lease: int) -> None:
+        self._leases.pop(root_id, None)
+        self._leases[root_id] = lease
+        while len(self._leases) > self._remember_leases:
+            del self._leases[next(iter(self._leases))]
+
+    async def _take_leases(self, root_ids: Sequence[str]) -> dict[str, int]:
+        """The lease of each root: the one held, or (for all the others at once) a new one."""
+        missing = [root_id for root_id in root_ids if root_id not in self._leases]
+        if missing:
+            taken = await self._cache.lease_many([graph_key(root_id) for root_id in missing])
+            for root_id, lease in zip(missing, taken, strict=True):
+                self._keep_lease(root_id, lease)
+        return {root_id: self._leases[root_id] for root_id in root_ids}
+
+    async def _relapsed(self, root_ids: Sequence[str], used: dict[str, int]) -> list[str]:
+        """Of roots whose leased put was refused, those whose key was recreated since (leased anew)."""
+        if not root_ids:
+            return []
+        current = await self._cache.lease_many([graph_key(root_id) for root_id in root_ids])
+        recreated = []
+        for root_id, lease in zip(root_ids, current, strict=True):
+            self._keep_lease(root_id, lease)
+            if lease != used[root_id]:
+                recreated.append(root_id)
+        self.recreated += len(recreated)
+        return recreated
+
+    # -- one flush ---------------------------------------------------------------------------------------
+
     async def _flush(self, batch: _Batch) -> None:
         self.batches += 1
+        pending: list[str] = list(batch.root_ids)
         try:
-            graphs = await self._load(batch)
-            stored = await self._put(batch, graphs)
+            for _ in range(_RELOADS):
+                leases = await self._take_leases(pending)  # before the load: see the module docstring
+                graphs = await self._load(batch, pending)
+                stored = await self._put(batch, graphs, leases)
+                refused = [
+                    g.root_id
+                    for g, ok in zip(graphs, stored, strict=True)
+                    if not ok and g.root_id not in batch.errors
+                ]
+                pending = await self._relapsed(refused, leases)
+                for graph, was_stored in zip(graphs, stored, strict=True):
+                    if graph.root_id not in batch.errors and graph.root_id not in pending:
+                        batch.results[graph.root_id] = (graph, was_stored)
+                if not pending:
+                    return
         except Exception as exc:  # broad on purpose: every actor of the batch gets it and decides
             batch.error = exc
             return
-        for graph, was_stored in zip(graphs, stored, strict=True):
-            if graph.root_id not in batch.errors:
-                batch.results[graph.root_id] = (graph, was_stored)
+        for root_id in pending:
+            batch.errors[root_id] = CacheUnavailable(f"the cache lost the key of {root_id!r} at every put")
 
-    async def _load(self, batch: _Batch) -> list[Graph]:
-        root_ids = batch.root_ids
+    async def _load(self, batch: _Batch, root_ids: list[str]) -> list[Graph]:
         if self._load_many is not None:
             found = await self._load_many(root_ids)
         else:
-            found = await self._load_each(batch)
+            found = await self._load_each(batch, root_ids)
         for root_id in root_ids:
             if root_id not in found and root_id not in batch.errors:
                 batch.errors[root_id] = RootNotFound(f"root {root_id!r} not found")
         return [found[root_id] for root_id in root_ids if root_id in found]
 
-    async def _load_each(self, batch: _Batch) -> dict[str, Graph]:
+    async def _load_each(self, batch: _Batch, root_ids: list[str]) -> dict[str, Graph]:
         found: dict[str, Graph] = {}
 
         async def one(root_id: str) -> None:
@@ -140,16 +214,18 @@ class Rebuilder:
             except Exception as exc:  # broad on purpose: that root's actor gets it
                 batch.errors[root_id] = exc
 
-        if len(batch.root_ids) == 1:
-            await one(batch.root_ids[0])
+        if len(root_ids) == 1:
+            await one(root_ids[0])
         else:
             async with anyio.create_task_group() as tg:
-                for root_id in batch.root_ids:
+                for root_id in root_ids:
                     tg.start_soon(one, root_id)
         return found
 
-    async def _put(self, batch: _Batch, graphs: list[Graph]) -> list[bool]:
-        items: list[tuple[str, Any, int]] = [(graph_key(g.root_id), g, g.version) for g in graphs]
+    async def _put(self, batch: _Batch, graphs: list[Graph], leases: dict[str, int]) -> list[bool]:
+        items: list[tuple[str, Any, int, int | None]] = [
+            (graph_key(g.root_id), g, g.version, leases[g.root_id]) for g in graphs
+        ]
         if not items:
             return []
         try:
@@ -158,9 +234,9 @@ class Rebuilder:
             if len(items) == 1:
                 raise
         stored = []
-        for graph in graphs:  # put one by one, so only the refused graph's actor sees the error
+        for key, graph, version, lease in items:  # one by one, so only the refused graph's actor sees it
             try:
-                stored.append(await self._cache.put_if_newer(graph_key(graph.root_id), graph, graph.version))
+                stored.append(await self._cache.put_if_newer(key, graph, version, lease=lease))
             except ValueError as exc:
                 batch.errors[graph.root_id] = exc
                 stored.append(False)

@@ -27,7 +27,6 @@ import anyio
 import anyio.abc
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from ._errors import InvalidArgument
 from ._ring import validate_node_id
@@ -242,7 +241,9 @@ class RedisMembership:
         try:
             with anyio.fail_after(self._heartbeat):
                 raw = await script(keys=[self._key], args=[node_id, int(self._ttl * 1000)])
-        except (RedisError, OSError, TimeoutError) as exc:
+        # Broad on purpose: besides RedisError and OS errors, redis-py raises its own internal errors
+        # (AttributeError, ...) while a connection is torn down under it; none may end the heartbeats.
+        except Exception as exc:
             self._on_failure(exc, time.monotonic() - started)
             return False
         if not self._connected:
@@ -279,7 +280,7 @@ class RedisMembership:
         try:
             with anyio.fail_after(self._heartbeat):
                 await client.zrem(self._key, node_id)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # broad on purpose: leaving is best effort (see _beat)
             logger.warning("membership %s: could not leave, expiry will remove it: %r", node_id, exc)
 
     def members(self) -> frozenset[str]:

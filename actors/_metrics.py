@@ -24,12 +24,20 @@ _COUNTERS = (
     ("read_hits", "read_hits", "get() calls answered from the cache."),
     ("read_loads", "read_loads", "Read-through loads (one per single flight)."),
     ("feed_rewinds", "rewinds", "Times the change feed was re-read after a member left."),
+    ("poisoned_entries", "poisoned", "Malformed cached entries found: served as misses and removed."),
+    ("keys_recreated", "keys_recreated", "Leased puts refused because the cache had lost the key."),
+    ("sweeps", "sweeps", "Reconcile sweeps finished."),
+    ("sweep_failures", "sweep_failures", "Reconcile sweeps that failed (retried with backoff)."),
 )
 _GAUGES = (
     ("members", "members", "Members in this node's current view."),
     ("actors_alive", "actors_alive", "Root actors alive on this node."),
     ("actors_failing", "actors_failing", "Root actors retrying a failed rebuild."),
     ("mailbox_depth", "mailbox_depth", "Wake-up messages queued in all mailboxes."),
+    ("roots_owned", "roots_owned", "Roots this node owned at its latest reconcile sweep."),
+    ("roots_behind", "roots_behind", "Owned roots cached older than committed at the latest sweep."),
+    ("roots_uncached", "roots_uncached", "Owned roots absent from the cache at the latest sweep."),
+    ("feed_failing", "feed_failing", "1 while the change feed fails to read the store."),
 )
 
 
@@ -70,6 +78,14 @@ class NodeCollector:
             stats.lag,
             stats.node_id,
         )
+        consistent = GaugeMetricFamily(
+            "graphcache_roots_consistent_ratio",
+            "Share of owned roots whose cache was not behind the store at the latest sweep.",
+            labels=["node"],
+        )
+        owned = stats.roots_owned
+        consistent.add_metric([stats.node_id], 1.0 if owned == 0 else (owned - stats.roots_behind) / owned)
+        yield consistent
         yield from self._membership_metrics(stats.node_id)
 
     def _counters(self, stats: NodeStatistics) -> Iterator[Metric]:
@@ -81,7 +97,7 @@ class NodeCollector:
     def _gauges(self, stats: NodeStatistics) -> Iterator[Metric]:
         for name, field, doc in _GAUGES:
             family = GaugeMetricFamily(f"graphcache_{name}", doc, labels=["node"])
-            family.add_metric([stats.node_id], getattr(stats, field))
+            family.add_metric([stats.node_id], float(getattr(stats, field)))
             yield family
 
     def _membership_metrics(self, node_id: str) -> Iterator[Metric]:

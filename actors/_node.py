@@ -16,6 +16,25 @@ versioned put keeps the newest):
   given).
 * Losing roots (a member joined): the node keeps serving the roots it owned under the previous view for
   ``handoff`` seconds more, so the joiner (which joins before it follows the feed) overlaps with it.
+
+Durable progress: after any outage
+----------------------------------
+Hand-over covers a member that dies while others run. It cannot cover a node that was down while commits
+continued (a restart, a redeploy of every node) nor a cache that lost its state. Two mechanisms bound
+convergence (G3) after those:
+
+* A durable checkpoint. Every ``checkpoint_save_interval`` seconds the node saves, in the store under its
+  ``node_id``, the feed cursor of the last change it routed. A node started with the same ``node_id``
+  resumes the feed there (if the store still keeps the changes since: the checkpoint is ``resumable``),
+  so what was committed while it was down reaches its actors at once.
+* The reconcile sweep, at start-up and every ``sweep_interval`` seconds: the committed versions of the
+  roots this node owns (paged, ``root_versions``) against their cached versions (batched,
+  ``versions``); each root cached at an older version is rebuilt. Its result is a live consistency figure
+  (``statistics().roots_behind``, ``/metrics``). A root absent from the cache is consistent (a reader's
+  miss reads it through), and is not rebuilt.
+
+No failure of the store, the cache or the membership ends the node (G6): the feed, the sweep and the
+checkpoint retry with the node's one ``RetryPolicy``, and ``problems()`` says what is failing meanwhile.
 """
 
 from __future__ import annotations
@@ -30,17 +49,18 @@ from typing import Any, Literal, Self
 
 import anyio
 import anyio.abc
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState
 
 from cache import CacheError, VersionedCache
 from storage import Change, Graph, GraphStore, Op
 
-from ._actor import DEFAULT_MIN_REBUILD_INTERVAL, RootActor, _is_transient
+from ._actor import DEFAULT_MIN_REBUILD_INTERVAL, RootActor
 from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
 from ._keys import graph_key
 from ._membership import Membership, StaticMembership
 from ._messages import Changed, Message, Refresh, Stop
+from ._retry import RetryPolicy, is_transient
 from ._ring import Ring, validate_node_id
 from ._stats import Counters, NodeStatistics
 from ._validate import check_count, check_positive, check_root_id, check_version
@@ -51,6 +71,12 @@ logger = logging.getLogger(__name__)
 
 Consistency = Literal["bounded", "strict"]
 _CONSISTENCIES = ("bounded", "strict")
+
+DEFAULT_SWEEP_INTERVAL = 60.0
+"""Seconds between two reconcile sweeps (one also runs at start-up)."""
+_SWEEP_PAGE = 1000
+"""Roots per page of a sweep: one store query and one pipelined cache read each."""
+_FINAL_SAVE_TIMEOUT = 2.0
 
 
 class _Flight:
@@ -88,7 +114,8 @@ class Node:
     how many passivated roots' built versions are kept. ``handoff`` (seconds; at least the membership ttl
     plus a heartbeat) and ``checkpoint_interval`` drive the hand-over described in the module docstring;
     ``feed_after`` starts the feed after that cursor instead of "now". Leaving ``async with`` gives
-    in-flight rebuilds up to ``shutdown_timeout`` seconds.
+    in-flight rebuilds up to ``shutdown_timeout`` seconds. ``sweep_interval`` and
+    ``checkpoint_save_interval`` pace the durable progress described in the module docstring.
     """
 
     def __init__(
@@ -109,6 +136,8 @@ class Node:
         shutdown_timeout: float = 5.0,
         checkpoint_interval: float = 0.5,
         min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL,
+        sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
+        checkpoint_save_interval: float = 1.0,
     ) -> None:
         self.node_id = validate_node_id(node_id)
         if consistency not in _CONSISTENCIES:
@@ -131,6 +160,9 @@ class Node:
         self._remember_limit = check_count(remember_roots, name="remember_roots", low=0)
         self._shutdown_timeout = check_positive(shutdown_timeout, name="shutdown_timeout")
         self._checkpoint_interval = check_positive(checkpoint_interval, name="checkpoint_interval")
+        self._sweep_interval = check_positive(sweep_interval, name="sweep_interval")
+        self._save_interval = check_positive(checkpoint_save_interval, name="checkpoint_save_interval")
+        self._retry = RetryPolicy(retry_initial, retry_max)
         self._counters = Counters()
         self._rebuilder = Rebuilder(store, cache)
         self._actors: dict[str, RootActor] = {}
@@ -156,6 +188,14 @@ class Node:
         self._read_hits = 0
         self._read_loads = 0
         self._rewinds = 0
+        self._poisoned = 0
+        self._feed: AsyncIterator[Change] | None = None
+        self._feed_started = False
+        self._feed_failure: str | None = None  # the feed's last error, until it delivers again
+        self._routed_cursor: int | None = None  # cursor of the last change routed
+        self._saved_cursor: int | None = None  # the durable checkpoint's cursor
+        self._resumed_from: int | None = None
+        self._sweep = _Sweep()
 
     # -- life cycle ----------------------------------------------------------------------------------
 
@@ -190,6 +230,8 @@ class Node:
         self._running = True
         await self._work.start(self._watch_views)
         await self._work.start(self._follow_feed)
+        await self._work.start(self._save_checkpoints)
+        await self._work.start(self._sweep_forever)
         logger.info("node %s started: %r", self.node_id, self)
 
     async def _wind_down(self) -> None:
@@ -204,6 +246,8 @@ class Node:
                 await self._actors_gone.wait()
         if self._actors:
             logger.warning("node %s: abandoning %d rebuilds at shutdown", self.node_id, len(self._actors))
+        with anyio.move_on_after(_FINAL_SAVE_TIMEOUT, shield=True):
+            await self._save_checkpoint()
         if self._work is not None:
             self._work.cancel_scope.cancel()
 
@@ -296,7 +340,36 @@ class Node:
             rewinds=self._rewinds,
             lag=counters.lag.snapshot(),
             rebuild_seconds=counters.rebuild_seconds.snapshot(),
+            poisoned=self._poisoned + _cache_poisoned(self._cache),
+            keys_recreated=self._rebuilder.recreated,
+            sweeps=self._sweep.runs,
+            sweep_failures=self._sweep.failures,
+            roots_owned=self._sweep.owned,
+            roots_behind=self._sweep.behind,
+            roots_uncached=self._sweep.uncached,
+            feed_failing=self._feed_failure is not None or _feed_failing(self._feed),
+            checkpoint=self._saved_cursor,
+            resumed_from=self._resumed_from,
         )
+
+    def problems(self) -> list[str]:
+        """What keeps this node from being ready (empty: ready): a feed not following, heartbeats that do
+        not reach Redis, a failing sweep. The node retries each by itself; this only reports."""
+        found = []
+        if not self._running:
+            found.append("node: not running")
+        if not self._feed_started:
+            found.append("change feed: not started yet")
+        elif self._feed_failure is not None:
+            found.append(f"change feed: failing ({self._feed_failure})")
+        elif _feed_failing(self._feed):
+            found.append("change feed: the store does not answer its polls")
+        membership = getattr(self._membership, "statistics", None)
+        if membership is not None and not membership().connected:
+            found.append("membership: heartbeats do not reach Redis")
+        if self._sweep.failing is not None:
+            found.append(f"reconcile sweep: failing ({self._sweep.failing})")
+        return found
 
     def __repr__(self) -> str:
         state = "running" if self._running else "stopped"
@@ -325,15 +398,40 @@ class Node:
         return graph
 
     async def _cached(self, root_id: str, floor: int) -> Graph | None:
+        key = graph_key(root_id)
         try:
-            item = await self._cache.get(graph_key(root_id), type=Graph)
+            item = await self._cache.get(key, type=Graph)
+        except ValueError:  # well-formed msgpack that is not a Graph: a malformed entry
+            await self._discard_poisoned(root_id, None, "its value is not a graph")
+            return None
         except CacheError as exc:
             logger.warning("cache read of %r failed, reading the store: %r", root_id, exc)
             return None
-        if item is None or item.version < floor:
+        if item is None:
             return None
         graph: Graph = item.value
+        if graph.root_id != root_id or graph.version != item.version:
+            why = f"it holds root {graph.root_id!r} at version {graph.version} under version {item.version}"
+            await self._discard_poisoned(root_id, item.version, why)
+            return None
+        if item.version < floor:
+            return None
         return graph
+
+    async def _discard_poisoned(self, root_id: str, version: int | None, why: str) -> None:
+        """A malformed cached graph is never served: count it and drop it, so the next put replaces it."""
+        self._poisoned += 1
+        logger.warning(
+            "node %s: the cached graph of %r is malformed (%s): removed", self.node_id, root_id, why
+        )
+        key = graph_key(root_id)
+        try:
+            if version is None:
+                (version,) = await self._cache.versions([key])
+            if version is not None:
+                await self._cache.discard(key, version)
+        except CacheError as exc:
+            logger.warning("could not remove the malformed graph of %r: %r", root_id, exc)
 
     async def _join(self, root_id: str, *, after: int) -> Graph:
         flight = self._flights.get(root_id)
@@ -361,18 +459,28 @@ class Node:
             flight.done.set()
 
     async def _read_through(self, root_id: str) -> Graph:
-        """Load and cache; if the cache already holds something newer, return that instead."""
+        """Load and cache (under a lease taken before the load); if the cache already holds something
+        newer, return that instead."""
         key = graph_key(root_id)
-        graph = await self._store.load(root_id)
-        self._read_loads += 1
         try:
-            if await self._cache.put_if_newer(key, graph, graph.version):
-                return graph
-            item = await self._cache.get(key, type=Graph)
+            lease: int | None = await self._rebuilder.lease(root_id)
         except CacheError as exc:
             logger.warning("cache unavailable for %r, serving the store's graph: %r", root_id, exc)
+            lease = None
+        graph = await self._store.load(root_id)
+        self._read_loads += 1
+        if lease is None:
             return graph
-        if item is not None and item.version > graph.version:
+        try:
+            if await self._cache.put_if_newer(key, graph, graph.version, lease=lease):
+                return graph
+            if await self._rebuilder.recreated_since(root_id, lease):
+                return graph  # the key was lost since the lease: this graph is still the reader's answer
+            item = await self._cache.get(key, type=Graph)
+        except (CacheError, ValueError) as exc:
+            logger.warning("cache unavailable for %r, serving the store's graph: %r", root_id, exc)
+            return graph
+        if item is not None and item.version > graph.version and item.value.root_id == root_id:
             newer: Graph = item.value
             return newer
         return graph
@@ -492,16 +600,10 @@ class Node:
         """Follow the feed until the node stops; resume after errors, re-read after a view change."""
         with anyio.CancelScope() as scope:
             self._background.append(scope)
-            cursor = self._feed_after if self._feed_after is not None else await self._current_cursor()
-            started = False
-            retrying = AsyncRetrying(
-                wait=wait_random_exponential(
-                    multiplier=self._actor_options["retry_initial"], max=self._actor_options["retry_max"]
-                ),
-                retry=retry_if_exception(_is_transient),
-                before_sleep=self._log_feed_retry,
-                sleep=anyio.sleep,
+            cursor = await self._retry.persist(
+                f"node {self.node_id}: starting the change feed", self._starting_cursor, logger
             )
+            started = False
             while True:
                 # No await from this check until the pass's cancel scope exists: a rewind asked for
                 # meanwhile (even while pinning the first cursor) is either seen here or cancels the pass.
@@ -509,29 +611,63 @@ class Node:
                     cursor, self._rewind_to = self._rewind_to, None
                     self._rewinds += 1
                     logger.info("node %s: re-reading the change feed after cursor %d", self.node_id, cursor)
-                feed = self._store.changes(after=cursor)
+                feed = self._open_feed(cursor)
                 if not started:  # the feed has fixed its starting point: changes from now on are seen
-                    started = True
+                    started = self._feed_started = True
                     self._checkpoints.append((time.monotonic(), cursor))
                     task_status.started()
-                cursor = await self._one_pass(feed, cursor, retrying)
+                cursor = await self._one_pass(feed, cursor)
                 if self._rewind_to is None:
                     logger.info("node %s: the change feed ended", self.node_id)
                     return
 
-    async def _one_pass(self, feed: AsyncIterator[Change], cursor: int, retrying: AsyncRetrying) -> int:
-        """Follow ``feed`` until it ends or a rewind is requested; return the last cursor seen."""
+    async def _starting_cursor(self) -> int:
+        """Where the feed starts: ``feed_after``, else the durable checkpoint, else "now".
+
+        "Now" is pinned before following the feed, so no change committed after ``__aenter__`` is missed
+        whenever the feed's first poll happens, and the first in-memory checkpoint is a real cursor.
+        """
+        if self._feed_after is not None:
+            return self._feed_after
+        now = await self._store.cursor()
+        saved = await self._store.load_checkpoint(self.node_id)
+        if saved is None:
+            return now
+        if not saved.resumable:
+            logger.warning(
+                "node %s: its checkpoint is %.0fs old, older than the store keeps changes: starting from"
+                " now, the reconcile sweep catches up",
+                self.node_id,
+                saved.age,
+            )
+            return now
+        self._resumed_from = self._saved_cursor = self._routed_cursor = saved.cursor
+        logger.info("node %s: resuming the change feed at its checkpoint %d", self.node_id, saved.cursor)
+        return saved.cursor
+
+    def _open_feed(self, cursor: int) -> AsyncIterator[Change]:
+        self._feed = self._store.changes(after=cursor)
+        return self._feed
+
+    async def _one_pass(self, feed: AsyncIterator[Change], cursor: int) -> int:
+        """Follow ``feed`` until it ends or a rewind is requested; return the last cursor seen.
+
+        Any failure (of the store, or a bug) is retried from the last cursor with capped backoff: the
+        feed never ends the node.
+        """
         with anyio.CancelScope() as scope:
             self._pass_scope = scope
-            async for attempt in retrying.copy():
+            retrying: AsyncRetrying = self._retry.retrying(everything=True, before_sleep=self._log_feed_retry)
+            async for attempt in retrying:
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
-                        feed = self._store.changes(after=cursor)
+                        feed = self._open_feed(cursor)
                     async with _closing(feed):
                         async for change in feed:
+                            self._feed_failure = None
                             self._checkpoint(cursor)
                             await self._route(change)
-                            cursor = change.cursor
+                            cursor = self._routed_cursor = change.cursor
         self._pass_scope = None
         return cursor
 
@@ -560,12 +696,127 @@ class Node:
 
     def _log_feed_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
-        logger.warning(
-            "node %s: change feed failed, resuming in %.2fs: %r", self.node_id, state.upcoming_sleep, exc
+        self._feed_failure = repr(exc)
+        level = logging.WARNING if exc is not None and is_transient(exc) else logging.ERROR
+        logger.log(
+            level,
+            "node %s: change feed failed, resuming in %.2fs: %r",
+            self.node_id,
+            state.upcoming_sleep,
+            exc,
         )
+
+    # -- durable progress ----------------------------------------------------------------------------
+
+    async def _save_checkpoints(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Save the routed cursor every ``checkpoint_save_interval`` seconds while it moves."""
+        with anyio.CancelScope() as scope:
+            self._background.append(scope)
+            task_status.started()
+            while True:
+                await anyio.sleep(self._save_interval)
+                await self._save_checkpoint()
+
+    async def _save_checkpoint(self) -> None:
+        cursor = self._routed_cursor
+        if cursor is None or cursor == self._saved_cursor:
+            return
+        try:
+            await self._store.save_checkpoint(self.node_id, cursor)
+        except Exception as exc:  # broad on purpose: the next interval tries again; the sweep bounds G3
+            logger.warning("node %s: saving its checkpoint failed (will retry): %r", self.node_id, exc)
+            return
+        self._saved_cursor = cursor
+
+    async def _sweep_forever(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The reconcile sweep at start-up and every ``sweep_interval`` seconds (see the module docstring)."""
+        with anyio.CancelScope() as scope:
+            self._background.append(scope)
+            task_status.started()
+            while True:
+                await self._retry.persist(f"node {self.node_id}: reconcile sweep", self._sweep_once, logger)
+                await anyio.sleep(self._sweep_interval)
+
+    async def _sweep_once(self) -> None:
+        started = time.monotonic()
+        owned = behind = uncached = 0
+        after: str | None = None
+        try:
+            while True:
+                page = await self._store.root_versions(after=after, limit=_SWEEP_PAGE)
+                if not page:
+                    break
+                after = page[-1][0]
+                mine = [(root_id, version) for root_id, version in page if self._sweepable(root_id)]
+                cached = (
+                    await self._cache.versions([graph_key(root_id) for root_id, _ in mine]) if mine else []
+                )
+                for (root_id, committed), version in zip(mine, cached, strict=True):
+                    owned += 1
+                    if version is None:
+                        uncached += 1
+                    elif version < committed:
+                        behind += 1
+                        self._refresh_behind(root_id, version, committed)
+                if len(page) < _SWEEP_PAGE:
+                    break
+        except Exception as exc:  # recorded for problems(), then retried by the caller
+            self._sweep.failures += 1
+            self._sweep.failing = repr(exc)
+            raise
+        self._sweep.finish(owned, behind, uncached, time.monotonic() - started)
+        if behind:
+            logger.info("node %s: reconcile sweep found %d of %d roots behind", self.node_id, behind, owned)
+
+    def _sweepable(self, root_id: str) -> bool:
+        try:
+            check_root_id(root_id)
+        except InvalidArgument:
+            return False
+        return self.owns(root_id)
+
+    def _refresh_behind(self, root_id: str, cached: int, committed: int) -> None:
+        """A root cached older than committed: forget what this node believed built, and rebuild it."""
+        logger.info("node %s: %r is cached at %d, committed at %d: rebuilding", self.node_id, root_id, cached,
+                    committed)  # fmt: skip
+        self._remembered.pop(root_id, None)
+        if self._running:
+            self._tell(root_id, Refresh(root_id))
 
 
 _OWNED_CACHE_LIMIT = 100_000
+
+
+class _Sweep:
+    """The reconcile sweep's latest result and its counters."""
+
+    __slots__ = ("behind", "failing", "failures", "owned", "runs", "seconds", "uncached")
+
+    def __init__(self) -> None:
+        self.runs = self.failures = self.owned = self.behind = self.uncached = 0
+        self.seconds = 0.0
+        self.failing: str | None = None
+
+    def finish(self, owned: int, behind: int, uncached: int, seconds: float) -> None:
+        self.runs += 1
+        self.owned, self.behind, self.uncached, self.seconds = owned, behind, uncached, seconds
+        self.failing = None
+
+
+def _feed_failing(feed: object) -> bool:
+    """Whether a feed that retries by itself (``PostgresFeed``) reports its latest poll failed."""
+    statistics = getattr(feed, "statistics", None)
+    return bool(statistics is not None and getattr(statistics(), "failing", False))
+
+
+def _cache_poisoned(cache: object) -> int:
+    """Malformed entries a cache found by itself (``RedisCache.statistics().poisoned``)."""
+    statistics = getattr(cache, "statistics", None)
+    return int(getattr(statistics(), "poisoned", 0)) if statistics is not None else 0
 
 
 def _owns(ring: Ring, cache: dict[str, bool], node_id: str, root_id: str) -> bool:

@@ -1,9 +1,13 @@
 """Run one graphcache node (the sidecar): it follows the PostgreSQL change feed, keeps the graphs of the
-roots it owns cached in Redis, and serves Prometheus /metrics and /healthz. Nodes find each other
-through heartbeats in Redis (--membership redis); SIGTERM or SIGINT stops it cleanly. Every option can
-also come from the environment variable shown in brackets.
+roots it owns cached in Redis, and serves Prometheus /metrics, /healthz (alive) and /readyz (following the
+feed, membership joined, Redis and PostgreSQL reachable: 200, or 503 with the reasons). Nodes find each
+other through heartbeats in Redis (--membership redis). Every option can also come from the environment
+variable shown in brackets.
 
-Once serving, it writes one line to stdout: "graphcache node NODE_ID ready metrics=http://HOST:PORT/metrics".
+It keeps running through outages: PostgreSQL or Redis down, restarted or failing over is retried with
+capped backoff and shown by /readyz and /metrics. Only SIGTERM/SIGINT, a bad option, or servers still
+unreachable --startup-timeout seconds after start-up end it. Once the node runs, it writes one line to
+stdout: "graphcache node NODE_ID ready metrics=http://HOST:PORT/metrics".
 """
 
 from __future__ import annotations
@@ -11,24 +15,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from cache import CacheError, RedisCache
-from storage import PostgresStore, StoreError
+from storage import InvalidOperation, PostgresStore, StoreError
 
 from ._actor import DEFAULT_MIN_REBUILD_INTERVAL
 from ._http import serve_http
 from ._keys import graph_key
 from ._membership import Membership, RedisMembership, StaticMembership
 from ._metrics import metrics_registry, render_metrics
-from ._node import Node
+from ._node import DEFAULT_SWEEP_INTERVAL, Node
+from ._retry import RetryPolicy, is_transient
 
 __all__ = ("add_arguments", "run")
 
@@ -43,22 +52,38 @@ def _env(name: str, default: str) -> str:
 
 
 def _option(
-    parser: argparse.ArgumentParser, flag: str, env: str, default: str, help_text: str, **kw: Any
+    parser: argparse.ArgumentParser,
+    flag: str,
+    env: str,
+    default: str,
+    help_text: str,
+    *,
+    secret: bool = False,
+    **kw: Any,
 ) -> None:
+    value = _env(env, default)
+    shown = _redact(value).replace("%", "%%") if secret else "%(default)s"  # never print a password
     parser.add_argument(
-        flag,
-        default=_env(env, default),
-        help=f"{help_text} (default: %(default)s) [env GRAPHCACHE_{env}]",
-        **kw,
+        flag, default=value, help=f"{help_text} (default: {shown}) [env GRAPHCACHE_{env}]", **kw
     )
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password (``user:***@``), also in a ``password=`` parameter."""
+    url = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` subcommand's options; each defaults to its GRAPHCACHE_* environment variable."""
-    _option(parser, "--redis", "REDIS", "redis://127.0.0.1:6379/0", "Redis URL of the cache and membership")
     _option(
-        parser, "--postgres", "POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres", "PostgreSQL DSN"
-    )
+        parser, "--redis", "REDIS", "redis://127.0.0.1:6379/0", "Redis URL of the cache and membership",
+        secret=True,
+    )  # fmt: skip
+    _option(
+        parser, "--postgres", "POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres", "PostgreSQL DSN",
+        secret=True,
+    )  # fmt: skip
     _option(parser, "--node-id", "NODE_ID", f"{socket.gethostname()}-{os.getpid()}", "this node's unique id")
     _option(parser, "--namespace", "NAMESPACE", "gc", "Redis key namespace of the cache and the members set")
     _option(parser, "--schema", "SCHEMA", "graphcache", "PostgreSQL schema of the graphs and the outbox")
@@ -90,10 +115,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " then read at most every half of it",
         type=float,
     )
-    _option(parser, "--metrics-host", "METRICS_HOST", "127.0.0.1", "address of /metrics and /healthz")
     _option(
-        parser, "--metrics-port", "METRICS_PORT", "9464", "port of /metrics and /healthz (0: any)", type=int
+        parser,
+        "--sweep-interval",
+        "SWEEP_INTERVAL",
+        str(DEFAULT_SWEEP_INTERVAL),
+        "seconds between reconcile sweeps (cached against committed versions of the owned roots)",
+        type=float,
     )
+    _option(
+        parser,
+        "--startup-timeout",
+        "STARTUP_TIMEOUT",
+        "30",
+        "seconds to keep retrying PostgreSQL and Redis at start-up before exiting 1 (0: forever)",
+        type=float,
+    )
+    _option(parser, "--metrics-host", "METRICS_HOST", "127.0.0.1", "address of /metrics, /healthz, /readyz")
+    _option(
+        parser, "--metrics-port", "METRICS_PORT", "9464", "port of /metrics, /healthz, /readyz (0: any)",
+        type=int,
+    )  # fmt: skip
     _option(parser, "--log-level", "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     _option(
         parser,
@@ -135,14 +177,36 @@ def _configure_logging(level: str, fmt: str, node_id: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; 0 after a clean stop, 1 if the store or cache cannot be reached."""
+    """Serve until SIGTERM/SIGINT: 0 after a clean stop; 2 for a bad option; 1 if the store or the cache
+    is still unreachable ``--startup-timeout`` seconds after start-up."""
     _configure_logging(args.log_level, args.log_format, args.node_id)
+    problem = _check_options(args)
+    if problem is not None:
+        logger.error("cannot serve: %s", problem)
+        return 2
     try:
         anyio.run(_serve, args)
-    except (StoreError, CacheError) as exc:
+    except (StoreError, CacheError, ValueError, OSError) as exc:  # OSError: the HTTP port is taken
         logger.error("cannot serve: %s", exc)
-        return 1
+        return 2 if isinstance(exc, ValueError) else 1
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> str | None:
+    """The first bad option, named, before any I/O (None: all good)."""
+    for flag in ("heartbeat", "ttl", "idle_timeout", "sweep_interval"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value <= 0:
+            return f"--{flag.replace('_', '-')} must be a positive number of seconds, got {value}"
+    for flag in ("min_rebuild_interval", "startup_timeout"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0:
+            return f"--{flag.replace('_', '-')} must be >= 0 seconds, got {value}"
+    if not 0 <= args.metrics_port <= 65535:
+        return f"--metrics-port must be in 0..65535, got {args.metrics_port}"
+    if not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        return f"--redis must be a redis://, rediss:// or unix:// URL, got {_redact(args.redis)!r}"
+    return None
 
 
 def _membership(args: argparse.Namespace) -> Membership:
@@ -151,19 +215,58 @@ def _membership(args: argparse.Namespace) -> Membership:
     return RedisMembership(args.redis, namespace=args.namespace, heartbeat=args.heartbeat, ttl=args.ttl)
 
 
-def _routes(node: Node, membership: Membership) -> dict[str, Callable[[], Any]]:
-    registry = metrics_registry(node, membership=membership)
+class _Sidecar:
+    """What the HTTP routes see: the node once it runs, and why it is not ready before."""
 
+    def __init__(self, membership: Membership) -> None:
+        self.membership = membership
+        self.node: Node | None = None
+        self.store: PostgresStore | None = None
+        self.cache: RedisCache | None = None
+        self.starting: str | None = "starting: connecting to PostgreSQL and Redis"
+
+    async def problems(self) -> list[str]:
+        """Why this sidecar is not ready (empty: ready); probes PostgreSQL and Redis live."""
+        if self.node is None or self.store is None or self.cache is None:
+            return [self.starting or "starting"]
+        found = self.node.problems()
+        with anyio.move_on_after(_PROBE_TIMEOUT) as probe:
+            try:
+                await self.store.cursor()
+            except StoreError as exc:
+                found.append(f"postgresql: {exc}")
+        if probe.cancelled_caught:
+            found.append(f"postgresql: no answer within {_PROBE_TIMEOUT}s")
+        with anyio.move_on_after(_PROBE_TIMEOUT) as probe:
+            try:
+                await self.cache.versions([graph_key("-")])
+            except CacheError as exc:
+                found.append(f"redis: {exc}")
+        if probe.cancelled_caught:
+            found.append(f"redis: no answer within {_PROBE_TIMEOUT}s")
+        return found
+
+
+_PROBE_TIMEOUT = 2.0
+
+
+def _routes(sidecar: _Sidecar) -> dict[str, Callable[[], Any]]:
     async def metrics() -> tuple[int, str, bytes]:
+        if sidecar.node is None:
+            return 200, _PROMETHEUS, b""
+        registry = metrics_registry(sidecar.node, membership=sidecar.membership)
         return 200, _PROMETHEUS, render_metrics(registry)
 
     async def healthz() -> tuple[int, str, bytes]:
-        stats = getattr(membership, "statistics", None)
-        if stats is not None and not stats().connected:
-            return 503, _TEXT, b"membership: heartbeats do not reach Redis\n"
-        return 200, _TEXT, b"ok\n"
+        return 200, _TEXT, b"ok\n"  # alive: outages are /readyz's business, never a reason to restart
 
-    return {"/metrics": metrics, "/healthz": healthz}
+    async def readyz() -> tuple[int, str, bytes]:
+        problems = await sidecar.problems()
+        if problems:
+            return 503, _TEXT, "".join(f"{line}\n" for line in problems).encode()
+        return 200, _TEXT, b"ready\n"
+
+    return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
 
 
 _FEED_POLL_FLOOR = 0.01
@@ -183,42 +286,91 @@ def _feed_min_poll_interval(min_rebuild_interval: float) -> float:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    membership = _membership(args)
+    sidecar = _Sidecar(membership)
+    failure: Exception | None = None
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        store = await PostgresStore.connect(
-            args.postgres,
-            schema=args.schema,
-            min_poll_interval=_feed_min_poll_interval(args.min_rebuild_interval),
-        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, args.node_id, signals, tg.cancel_scope)
+            port = await tg.start(serve_http, args.metrics_host, args.metrics_port, _routes(sidecar))
+            url = f"http://{args.metrics_host}:{port}/metrics"
+            try:
+                await _run_node(args, sidecar, url)
+            except (StoreError, CacheError) as exc:  # raised outside the task group: not as a group
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _stop_on_signal(node_id: str, signals: Any, scope: anyio.CancelScope) -> None:
+    async for signum in signals:
+        logger.info("node %s: %s received, stopping", node_id, signal.Signals(signum).name)
+        scope.cancel()
+        return
+
+
+async def _run_node(args: argparse.Namespace, sidecar: _Sidecar, url: str) -> None:
+    store = await _connect(args, sidecar, "PostgreSQL", lambda: _open_store(args))
+    try:
+        sidecar.store = store
+        cache = RedisCache.from_url(args.redis, namespace=args.namespace)
+        async with cache:
+            await _connect(args, sidecar, "Redis", lambda: cache.versions([graph_key("-")]))
+            warning = await cache.eviction_warning()
+            if warning is not None:
+                logger.warning("%s", warning)
+            sidecar.cache = cache
+            sidecar.starting = "starting: the node is joining and starting its change feed"
+            await _serve_node(args, store, cache, sidecar, url)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()
+
+
+async def _open_store(args: argparse.Namespace) -> PostgresStore:
+    return await PostgresStore.connect(
+        args.postgres,
+        schema=args.schema,
+        min_poll_interval=_feed_min_poll_interval(args.min_rebuild_interval),
+    )
+
+
+async def _connect(args: argparse.Namespace, sidecar: _Sidecar, what: str, call: Callable[[], Any]) -> Any:
+    """``await call()``, retried with backoff while it fails transiently, up to ``--startup-timeout``."""
+    policy = RetryPolicy(0.1, 2.0)
+    deadline = math.inf if args.startup_timeout == 0 else time.monotonic() + args.startup_timeout
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            async with RedisCache.from_url(args.redis, namespace=args.namespace) as cache:
-                await cache.get(graph_key("-"))  # fail fast (CacheUnavailable, exit 1) if Redis is away
-                await _serve_node(args, store, cache, signals)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await store.aclose()
+            return await call()
+        except (StoreError, CacheError) as exc:
+            if isinstance(exc, InvalidOperation) or not is_transient(exc) or time.monotonic() >= deadline:
+                raise
+            sidecar.starting = f"starting: {what} is unreachable ({exc})"
+            pause = min(policy.maximum, policy.initial * 2**attempt, max(deadline - time.monotonic(), 0.01))
+            logger.warning("%s is unreachable, retrying in %.1fs: %s", what, pause, exc)
+            await anyio.sleep(pause)
 
 
 async def _serve_node(
-    args: argparse.Namespace, store: PostgresStore, cache: RedisCache, signals: Any
+    args: argparse.Namespace, store: PostgresStore, cache: RedisCache, sidecar: _Sidecar, url: str
 ) -> None:
-    membership = _membership(args)
     node = Node(
         store=store,
         cache=cache,
         node_id=args.node_id,
-        membership=membership,
+        membership=sidecar.membership,
         consistency=args.consistency,
         idle_timeout=args.idle_timeout,
         min_rebuild_interval=args.min_rebuild_interval,
+        sweep_interval=args.sweep_interval,
         handoff=args.ttl + 2 * args.heartbeat,  # a dead member's changes are re-read by its successor
     )
-    async with node, anyio.create_task_group() as tg:
-        port = await tg.start(serve_http, args.metrics_host, args.metrics_port, _routes(node, membership))
-        sys.stdout.write(
-            f"graphcache node {args.node_id} ready metrics=http://{args.metrics_host}:{port}/metrics\n"
-        )
+    async with node:
+        sidecar.node = node
+        sys.stdout.write(f"graphcache node {args.node_id} ready metrics={url}\n")
         sys.stdout.flush()
-        async for signum in signals:
-            logger.info("node %s: %s received, stopping", args.node_id, signal.Signals(signum).name)
-            break
-        tg.cancel_scope.cancel()
+        await anyio.sleep_forever()

@@ -118,3 +118,21 @@ class NodeStatistics(NamedTuple):
     rewinds: int
     lag: HistogramSnapshot
     rebuild_seconds: HistogramSnapshot
+    poisoned: int = 0
+    """Malformed cached entries found (by readers of this node and by its cache): served as misses."""
+    keys_recreated: int = 0
+    """Leased puts refused because the cache had lost the key meanwhile (each rebuilt under a new lease)."""
+    sweeps: int = 0
+    """Reconcile sweeps finished."""
+    sweep_failures: int = 0
+    roots_owned: int = 0
+    """Roots this node owned at its latest sweep."""
+    roots_behind: int = 0
+    """Of those, cached at an older version than committed (each one rebuilt)."""
+    roots_uncached: int = 0
+    """Of those, absent from the cache (consistent: a read reads them through)."""
+    feed_failing: bool = False
+    checkpoint: int | None = None
+    """The feed cursor of this node's durable checkpoint (None: none saved yet)."""
+    resumed_from: int | None = None
+    """The checkpoint cursor the feed resumed at when the node started (None: it started from now)."""

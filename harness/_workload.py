@@ -24,7 +24,7 @@ import msgspec
 
 from actors import graph_key
 from cache import CacheError, VersionedCache
-from storage import Change, ConcurrencyConflict, Graph, GraphStore, Node, Op, StoreError, Upsert
+from storage import Change, Checkpoint, ConcurrencyConflict, Graph, GraphStore, Node, Op, StoreError, Upsert
 
 from ._history import Event, HistoryWriter, graph_hash
 from ._strategies import Strategy, Tally
@@ -282,6 +282,15 @@ class SlowLoads:
 
     def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
         return self._store.changes(after=after)
+
+    async def save_checkpoint(self, name: str, cursor: int) -> None:
+        await self._store.save_checkpoint(name, cursor)
+
+    async def load_checkpoint(self, name: str) -> Checkpoint | None:
+        return await self._store.load_checkpoint(name)
+
+    async def root_versions(self, *, after: str | None = None, limit: int = 1000) -> list[tuple[str, int]]:
+        return await self._store.root_versions(after=after, limit=limit)
 
     async def aclose(self) -> None:
         await self._store.aclose()

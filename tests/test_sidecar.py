@@ -31,6 +31,8 @@ OPTIONS = {
     "--consistency": "CONSISTENCY",
     "--idle-timeout": "IDLE_TIMEOUT",
     "--min-rebuild-interval": "MIN_REBUILD_INTERVAL",
+    "--sweep-interval": "SWEEP_INTERVAL",
+    "--startup-timeout": "STARTUP_TIMEOUT",
     "--metrics-host": "METRICS_HOST",
     "--metrics-port": "METRICS_PORT",
     "--log-level": "LOG_LEVEL",
@@ -131,14 +133,16 @@ async def test_serves_metrics_and_health_and_stops_cleanly(
 async def test_unreachable_server_exits_1_with_the_reason(
     where: list[str], postgres_dsn: str, pg_schema: str
 ) -> None:
-    """With PostgreSQL or Redis unreachable, serve exits 1 and names the address, without a traceback."""
+    """With PostgreSQL or Redis unreachable, serve retries until --startup-timeout, then exits 1 naming the
+    address, without a traceback."""
     command = [
         sys.executable, str(ROOT_DIR / "run.py"), "serve", "--membership", "static", "--metrics-port", "0",
-        "--postgres", postgres_dsn, "--schema", pg_schema, *where,
+        "--postgres", postgres_dsn, "--schema", pg_schema, "--startup-timeout", "1", *where,
     ]  # fmt: skip
     result = await anyio.run_process(command, check=False, cwd=ROOT_DIR)
     stderr = result.stderr.decode()
     assert result.returncode == 1
+    assert "is unreachable, retrying" in stderr
     assert "cannot serve:" in stderr
     assert "127.0.0.1:1" in stderr
     assert "Traceback" not in stderr

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,7 +13,8 @@ from cache import MemoryCache
 from harness._loadtest import _share
 from harness._strategies import NAMES, STRATEGIES, Tally
 from harness._workload import RootPicker, SlowLoads, initial_graph, root_ids, write_ops
-from storage import Change, Graph, GraphStore, MemoryStore, Op, Upsert
+from storage import Graph, GraphStore, MemoryStore, Upsert
+from tests._actor_fakes import WrappedStore
 
 pytestmark = pytest.mark.anyio
 ROOT = "root-00000"
@@ -36,10 +36,11 @@ async def cached(cache: MemoryCache) -> Graph | None:
     return None if item is None else item.value
 
 
-class CommitDuringLoad:
+class CommitDuringLoad(WrappedStore):
     """A store whose next ``load`` commits one more change first: the race window, made certain."""
 
     def __init__(self, store: MemoryStore) -> None:
+        super().__init__(store)
         self.store = store
         self.armed = True
 
@@ -48,24 +49,6 @@ class CommitDuringLoad:
             self.armed = False
             await self.store.apply(root_id, write_ops(root_id, 9, 9))
         return await self.store.load(root_id)
-
-    async def version(self, root_id: str) -> int:
-        return await self.store.version(root_id)
-
-    async def apply(self, root_id: str, ops: Sequence[Op], *, expected_version: int | None = None) -> int:
-        return await self.store.apply(root_id, ops, expected_version=expected_version)
-
-    async def create_root(self, root_id: str, data: dict[str, Any]) -> int:
-        return await self.store.create_root(root_id, data)
-
-    async def cursor(self) -> int:
-        return await self.store.cursor()
-
-    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
-        return self.store.changes(after=after)
-
-    async def aclose(self) -> None:
-        await self.store.aclose()
 
 
 async def test_wrapped_stores_keep_the_protocol(backends: tuple[MemoryStore, MemoryCache]) -> None:
