@@ -1,6 +1,6 @@
 """Micro-benchmarks, each against the raw client library in the same run.
 
-bench cache   put_if_newer vs raw SET, get vs raw GET/HGET (redis-py), same Redis, same concurrency
+bench cache   put_if_newer (plain, leased) vs raw SET, get vs raw GET/HGET (redis-py), same Redis
 bench store   apply vs the same transaction in raw asyncpg, load of a 50-node graph, feed latency
 """
 

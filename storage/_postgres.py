@@ -214,7 +214,9 @@ class PostgresStore:
         with _seam(address):
             pool = await asyncpg.create_pool(
                 dsn,
-                min_size=1,
+                # No floor of idle connections: asyncpg would refill it in the background during an
+                # outage, logging a traceback per attempt; calls open connections as they need them.
+                min_size=0,
                 max_size=pool_size,
                 init=_init_connection,
                 reset=_keep_session,
