@@ -57,6 +57,17 @@ def test_help_names_every_option_and_its_environment_variable() -> None:
     assert "(default: 3.0)" in text
 
 
+def test_help_never_prints_a_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passwords in GRAPHCACHE_REDIS / GRAPHCACHE_POSTGRES are masked in --help, the rest is shown."""
+    monkeypatch.setenv("GRAPHCACHE_REDIS", "redis://cache:s3cret-r@10.0.0.5:6380/2")
+    monkeypatch.setenv("GRAPHCACHE_POSTGRES", "postgresql://app:s3cret-p@db:5432/shop?password=s3cret-q")
+    text = serve_parser_help()
+    assert "s3cret" not in text
+    assert "redis://cache:***@10.0.0.5:6380/2" in " ".join(text.split())
+    args = run.build_parser().parse_args(["serve"])
+    assert args.redis == "redis://cache:s3cret-r@10.0.0.5:6380/2"  # the value itself is untouched
+
+
 def test_the_feed_is_read_at_half_the_rebuild_pacing_within_bounds() -> None:
     """The sidecar's store spaces feed polls by half --min-rebuild-interval, 10 ms to 250 ms."""
     assert _feed_min_poll_interval(0.1) == pytest.approx(0.05)
