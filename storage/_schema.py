@@ -227,6 +227,8 @@ WITH gone AS (
 ), marked AS (
     UPDATE {s}.outbox_pruned SET max_xid = greatest(max_xid, (SELECT max(xid) FROM gone))
     WHERE EXISTS (SELECT FROM gone)
+), stale AS (  -- a checkpoint unsaved for the retention period can no longer resume: forget it
+    DELETE FROM {s}.checkpoints WHERE saved_at < now() - make_interval(secs => $1)
 )
 SELECT count(*) FROM gone"""
         self.save_checkpoint = (

@@ -71,6 +71,23 @@ async def test_a_checkpoint_older_than_the_retention_is_not_resumable(
     assert young.age >= 59 * 60
 
 
+async def test_pruning_forgets_checkpoints_older_than_the_retention(
+    connect: Connect, raw: asyncpg.Connection, pg_schema: str
+) -> None:
+    """Pruning the outbox also deletes checkpoints unsaved for the retention period (they cannot resume),
+    so nodes that come and go under new ids leave nothing behind; younger ones stay."""
+    store = await connect(retention=3600)
+    await store.save_checkpoint("gone-node", 1)
+    await store.save_checkpoint("live-node", 2)
+    s = f'"{pg_schema}".checkpoints'
+    await raw.execute(f"UPDATE {s} SET saved_at = now() - interval '2 hours' WHERE name = 'gone-node'")
+    await store.prune_outbox()
+    assert await store.load_checkpoint("gone-node") is None
+    live = await store.load_checkpoint("live-node")
+    assert live is not None
+    assert live.cursor == 2
+
+
 async def test_a_fresh_checkpoint_is_not_resumable_once_pruning_took_a_change_after_it(
     connect: Connect, raw: asyncpg.Connection, pg_schema: str
 ) -> None:
