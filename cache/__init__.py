@@ -3,6 +3,7 @@
 from ._errors import (
     CacheError,
     CacheUnavailable,
+    InvalidArgument,
     InvalidKey,
     InvalidValue,
     InvalidVersion,
@@ -20,6 +21,7 @@ __all__ = (
     "CacheError",
     "CacheItem",
     "CacheUnavailable",
+    "InvalidArgument",
     "InvalidKey",
     "InvalidValue",
     "InvalidVersion",

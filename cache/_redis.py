@@ -249,8 +249,18 @@ class RedisCache:
         entries = [self._names(key).entry for key in check_keys(keys)]
         if not entries:
             return []
-        replies = await self._pipeline([("HGET", entry, b"v") for entry in entries])
-        return [None if isinstance(reply, Exception) else parse_version(reply) for reply in replies]
+        commands = [
+            command for entry in entries for command in (("HGET", entry, b"v"), ("HEXISTS", entry, b"d"))
+        ]
+        replies = await self._pipeline(commands)
+        found: list[int | None] = []
+        for raw, has_value in zip(replies[::2], replies[1::2], strict=True):
+            for reply in (raw, has_value):
+                if isinstance(reply, Exception) and not _wrong_type(reply):
+                    with self._mapped():  # e.g. a Cluster node that failed mid-pipeline: not a miss
+                        raise reply
+            found.append(None if isinstance(raw, Exception) or not has_value else parse_version(raw))
+        return found
 
     async def discard(self, key: str, version: int) -> bool:
         """Drop ``key``'s whole state if its item is stored at exactly ``version`` (a malformed entry a
@@ -368,7 +378,9 @@ class RedisCache:
                 self._lock_waiters -= 1
             expires_at = time.time() + int(timeout_ms) / 1000
         item = None
-        if reply[2] != b"":
+        if reply[2] != b"" and reply[3] is None:  # a version without a value: malformed
+            self._poisoned += 1  # the lock's put_and_unlock replaces it
+        elif reply[2] != b"":
             try:
                 item = CacheItem(key, decode_value(key, reply[3], decoder), int(reply[2]))
             except InvalidValue:
@@ -507,7 +519,7 @@ class RedisCache:
             try:
                 return await self._client.execute_command("HMGET", entry, b"v", b"d")  # type: ignore[no-any-return]
             except rex.ResponseError as exc:
-                if str(exc).startswith("WRONGTYPE"):
+                if _wrong_type(exc):
                     return None
                 raise
 
@@ -609,17 +621,20 @@ def _check_namespace(namespace: object) -> str:
 
 def _classify(exc: Exception, address: str) -> CacheError:
     """The one place that decides whether a foreign error may pass (``CacheUnavailable``) or not."""
+    # Not repr(exc): redis-py 8 renders its errors' repr as a category ("network:ConnectionError"),
+    # which drops the message that says what happened.
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if isinstance(exc, rex.ResponseError) and not isinstance(exc, _UNAVAILABLE):
         if str(exc).startswith(_UNAVAILABLE_REPLIES):
-            return CacheUnavailable(f"Redis at {address} is unavailable: {exc!r}")
-        return CacheError(f"Redis at {address} failed: {exc!r}")
+            return CacheUnavailable(f"Redis at {address} is unavailable: {text}")
+        return CacheError(f"Redis at {address} failed: {text}")
     if isinstance(exc, _UNAVAILABLE):
-        return CacheUnavailable(f"Redis at {address} is unavailable: {exc!r}")
+        return CacheUnavailable(f"Redis at {address} is unavailable: {text}")
     if isinstance(exc, rex.RedisError):
-        return CacheError(f"Redis at {address} failed: {exc!r}")
+        return CacheError(f"Redis at {address} failed: {text}")
     # redis-py's own state errors (an AttributeError on a connection torn down by a Cluster failover,
     # say) come from a client caught mid-reconnect: the next call gets a fresh connection.
-    return CacheUnavailable(f"Redis client for {address} failed internally: {exc!r}")
+    return CacheUnavailable(f"Redis client for {address} failed internally: {text}")
 
 
 def _policies(reply: Any) -> list[str]:
@@ -633,6 +648,11 @@ def _policies(reply: Any) -> list[str]:
         elif name in ("maxmemory-policy", b"maxmemory-policy"):
             found.append(value.decode() if isinstance(value, bytes) else str(value))
     return found
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a command on a key of another type (a malformed entry)."""
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 def _lease_arg(lease: int | None) -> str | int:

@@ -148,7 +148,10 @@ GET_IF_NEWER = Script(
 local got = redis.pcall('HMGET', KEYS[1], 'v')
 if got['err'] then return {6} end
 local cur = got[1]
-if not cur then return {0} end
+if not cur then
+  if redis.call('HEXISTS', KEYS[1], 'd') == 1 then return {6} end  -- a value without a version
+  return {0}
+end
 if not valid(cur) then return {6, cur} end
 if not vlt(ARGV[1], cur) then return {0} end
 return {0, cur, redis.call('HGET', KEYS[1], 'd')}
@@ -171,8 +174,8 @@ return 1
 DISCARD = Script(
     "discard",
     """
-local got = redis.pcall('HGET', KEYS[1], 'v')
-if (type(got) == 'table' and got['err']) or got == ARGV[1] then
+local got = redis.pcall('HMGET', KEYS[1], 'v', 'd')
+if got['err'] or got[1] == ARGV[1] or (ARGV[1] == '' and not got[1] and got[2]) then
   return redis.call('DEL', KEYS[1])
 end
 return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,21 +12,54 @@ from redis.asyncio import Redis, RedisCluster
 
 from cache import MemoryCache, RedisCache
 
-__all__ = ("BACKENDS", "Backend", "open_backend")
+__all__ = ("BACKENDS", "Backend", "OffsetClock", "open_backend")
 
 BACKENDS = ("memory", "redis", "cluster")
 SMALL_LIMIT = 4096
 """Value size limit the contract tests configure, so ValueTooLarge needs no 16 MiB payload."""
 
 
+class OffsetClock:
+    """The real monotonic clock plus an offset a test moves forward by hand (to expire ttls at once)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+LOSS_JUMP = 3600.0
+"""Seconds MemoryCache's clock jumps in ``Backend.lose``: past every lease, floor and test ttl."""
+
+
 @dataclass
 class Backend:
-    """A cache plus, for Redis backends, a raw client on its namespace."""
+    """A cache plus, for Redis backends, a raw client on its namespace (for MemoryCache, its clock)."""
 
     kind: str
     cache: MemoryCache | RedisCache
     raw: Redis | RedisCluster | None = None
     namespace: str = ""
+    clock: OffsetClock | None = None
+
+    async def lose(self, key: str) -> None:
+        """Lose ``key``'s whole state the way Redis can (eviction, restart without persistence).
+
+        Redis: a raw DEL of the key's entry hash, lock and fence counter. MemoryCache holds no state
+        outside its process, so it loses state only by expiry: its clock jumps ``LOSS_JUMP`` seconds,
+        which expires every state with a ttl (a lease's, a floor's or a put's) — a test that calls
+        this gives the key a ttl.
+        """
+        if self.raw is None:
+            assert self.clock is not None
+            self.clock.advance(LOSS_JUMP)
+            return
+        assert isinstance(self.cache, RedisCache)
+        await self.raw.delete(*self.cache.redis_keys(key))
 
     async def raw_keys(self) -> list[bytes]:
         """Every Redis key in this test's namespace (SCAN, over all masters on a Cluster)."""
@@ -54,8 +88,9 @@ async def open_backend(
 ) -> AsyncIterator[Backend]:
     """Yield a fresh backend; Redis ones delete their namespace's keys afterwards."""
     if kind == "memory":
-        async with MemoryCache(max_value_bytes=max_value_bytes) as memory:
-            yield Backend(kind, memory)
+        clock = OffsetClock()
+        async with MemoryCache(max_value_bytes=max_value_bytes, clock=clock) as memory:
+            yield Backend(kind, memory, clock=clock)
         return
     if kind == "redis":
         url = request.getfixturevalue("redis_url")

@@ -133,6 +133,10 @@ class RedisClusterServers:
         )
         _wait_until(self._is_ok, "the cluster to report cluster_state:ok")
 
+    def wait_until_ok(self) -> None:
+        """Block until every node reports cluster_state:ok (after a node was stopped and started again)."""
+        _wait_until(self._is_ok, "the cluster to report cluster_state:ok")
+
     def _is_ok(self) -> bool:
         for node in self.nodes:
             info = subprocess.run(

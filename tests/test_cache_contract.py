@@ -12,7 +12,9 @@ import msgspec
 import pytest
 
 from cache import (
+    CacheError,
     CacheItem,
+    InvalidArgument,
     InvalidKey,
     InvalidValue,
     InvalidVersion,
@@ -149,6 +151,41 @@ async def test_put_if_newer_ignores_locks(cache: VersionedCache) -> None:
     assert await cache.put_if_newer("k", "v", 9) is True
     assert await cache.get("k") == CacheItem("k", "v", 9)
     await cache.unlock("k", lock)
+
+
+# -- versions / discard ------------------------------------------------------------------------------
+
+
+async def test_versions_reports_the_stored_version_of_each_key_in_order(cache: VersionedCache) -> None:
+    """versions(keys) is each key's item version, None for absent, floor-only and lease-only keys."""
+    await cache.put_if_newer("a", "x", 5)
+    await cache.put_if_newer("b", "y", MAX)
+    await cache.invalidate("c", 3)
+    await cache.lease("d")
+    keys = ["a", "b", "c", "d", "absent", "a"]
+    assert await cache.versions(keys) == [5, MAX, None, None, None, 5]
+    assert await cache.versions(tuple(keys[:2])) == [5, MAX]
+    assert await cache.versions([]) == []
+    await cache.put_if_newer("a", "z", 6)
+    assert await cache.versions(["a"]) == [6]
+
+
+async def test_discard_drops_the_key_only_at_exactly_the_stored_version(backend: Backend) -> None:
+    """discard(k, v) drops the item (leaving no floor) only when v is its stored version."""
+    cache = backend.cache
+    await cache.put_if_newer("k", "a", 5, ttl=300)
+    await cache.invalidate("floor", 3)
+    before = await backend.state()
+    for wrong in (0, 4, 6, MAX):
+        assert await cache.discard("k", wrong) is False
+    assert await cache.discard("absent", 5) is False
+    assert await cache.discard("floor", 3) is False  # a floor is not an item
+    assert await backend.state() == before
+    assert await cache.discard("k", 5) is True
+    assert await cache.get("k") is None
+    assert await cache.discard("k", 5) is False
+    assert await cache.put_if_newer("k", "older", 1) is True
+    assert await cache.put_if_newer("floor", "stale", 3) is False
 
 
 # -- exact versions --------------------------------------------------------------------------------
@@ -361,6 +398,18 @@ async def test_get_and_lock_returns_the_item_and_a_handle(cache: VersionedCache)
     await cache.unlock("k", second)
 
 
+async def test_get_and_lock_decodes_into_type(cache: VersionedCache) -> None:
+    """get_and_lock(type=Point) returns the stored item decoded into the Struct, and None when absent."""
+    item, lock = await cache.get_and_lock("k", lock_timeout=30, type=Point)
+    assert item is None
+    await cache.unlock("k", lock)
+    await cache.put_if_newer("k", Point(3, 4), 7)
+    item, lock = await cache.get_and_lock("k", lock_timeout=30, type=Point)
+    assert item == CacheItem("k", Point(3, 4), 7)
+    assert type(item.value) is Point
+    await cache.unlock("k", lock)
+
+
 async def test_a_held_lock_refuses_another_locker_at_once(cache: VersionedCache) -> None:
     """get_and_lock on a held key raises ObjectLocked when wait is 0."""
     _, lock = await cache.get_and_lock("k", lock_timeout=30)
@@ -518,6 +567,10 @@ def _key_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
         lambda c: c.remove(bad),
         lambda c: c.invalidate(bad, 1),
         lambda c: c.get_and_lock(bad, lock_timeout=1),
+        lambda c: c.versions(["other", bad]),
+        lambda c: c.lease(bad),
+        lambda c: c.lease_many(["other", bad]),
+        lambda c: c.discard(bad, 1),
     ]
 
 
@@ -527,6 +580,7 @@ def _version_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]
         lambda c: c.put_if_newer("k", "v", bad),
         lambda c: c.put_many_if_newer([("other", "v", 1), ("k", "v", bad)]),
         lambda c: c.invalidate("k", bad),
+        lambda c: c.discard("k", bad),
     ]
     if bad is not None:  # None means "no version" where the version is optional
         calls += [lambda c: c.insert("k", "v", version=bad), lambda c: c.remove("k", version=bad)]
@@ -564,6 +618,7 @@ BAD_CALLS = (
         (InvalidValue, lambda c, items=items: c.put_many_if_newer(items))
         for items in ("kv1", b"kv1", None, [("k", "v")], [["k", "v", 1]], [("other", "v", 1), "k"])
     ]
+    + [(InvalidKey, lambda c, keys=keys: c.versions(keys)) for keys in ("k", b"k", None)]
 )
 
 
@@ -590,6 +645,74 @@ async def test_bad_lock_handles_and_values_on_put_and_unlock_write_nothing(backe
         await cache.put_and_unlock("k", object(), lock)
     assert await backend.state() == before
     assert await cache.put_and_unlock("k", "fits", lock) == 1
+
+
+BAD_SECONDS: list[Any] = [0, -1, -0.5, float("nan"), float("inf"), float("-inf"), True, "5", b"5", [1]]
+BAD_WAITS: list[Any] = [-1, -0.001, float("nan"), float("inf"), True, "1", None]
+
+
+def _seconds_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
+    return [
+        lambda c: c.put_if_newer("k", "v", 99, ttl=bad),
+        lambda c: c.put_many_if_newer([("k", "v", 99, None)], ttl=bad),
+        lambda c: c.add("other", "v", ttl=bad),
+        lambda c: c.insert("k", "v", ttl=bad),
+        lambda c: c.invalidate("k", 99, ttl=bad),
+        lambda c: c.get_and_lock("k", lock_timeout=bad),
+    ]
+
+
+ARGUMENT_CALLS = [call for bad in BAD_SECONDS for call in _seconds_calls(bad)] + [
+    lambda c, bad=bad: c.get_and_lock("k", lock_timeout=1, wait=bad) for bad in BAD_WAITS
+]
+
+
+async def test_a_bad_ttl_lock_timeout_or_wait_is_invalid_argument_and_writes_nothing(
+    backend: Backend,
+) -> None:
+    """A bad ttl, lock_timeout or wait is InvalidArgument (CacheError, ValueError); nothing written."""
+    await backend.cache.put_if_newer("k", "kept", 5, ttl=300)
+    before = await backend.state()
+    for call in ARGUMENT_CALLS:
+        with pytest.raises(InvalidArgument) as caught:
+            await call(backend.cache)
+        assert isinstance(caught.value, CacheError)
+        assert isinstance(caught.value, ValueError)
+    assert await backend.state() == before
+    await backend.cache.aclose()  # any I/O would now raise CacheUnavailable: the checks come first
+    for call in ARGUMENT_CALLS:
+        with pytest.raises(InvalidArgument):
+            await call(backend.cache)
+
+
+def _recursive_values() -> list[Any]:
+    loop: list[Any] = [1]
+    loop.append(loop)
+    cycle: dict[str, Any] = {}
+    cycle["self"] = {"inner": [cycle]}
+    return [loop, cycle]
+
+
+async def test_a_value_that_contains_itself_is_invalid_value_and_writes_nothing(backend: Backend) -> None:
+    """A value that contains itself is InvalidValue (not RecursionError) on every write; nothing written."""
+    cache = backend.cache
+    await cache.put_if_newer("k", "kept", 5, ttl=300)
+    _, lock = await cache.get_and_lock("locked", lock_timeout=30)
+    before = await backend.state()
+    for value in _recursive_values():
+        calls = [
+            cache.put_if_newer("k", value, 99),
+            cache.put_many_if_newer([("other", "v", 1), ("k", value, 99)]),
+            cache.add("other", value),
+            cache.insert("k", value),
+            cache.put_and_unlock("locked", value, lock),
+        ]
+        for call in calls:
+            with pytest.raises(InvalidValue, match="contains itself"):
+                await call
+    assert await backend.state() == before
+    assert await cache.get("k") == CacheItem("k", "kept", 5)
+    assert await cache.put_and_unlock("locked", "fine", lock) == 1
 
 
 async def test_validation_happens_before_any_io(backend: Backend) -> None:

@@ -74,3 +74,38 @@ def test_a_bad_size_limit_is_refused_at_construction(bad: object) -> None:
         MemoryCache(max_value_bytes=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_value_bytes"):
         RedisCache.from_url("redis://127.0.0.1:1/0", max_value_bytes=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_lease_only_state_lives_600_s_of_the_clock_and_then_a_new_lease_begins() -> None:
+    """A lease-only key keeps its lease 600 s of the clock (lease() does not extend it), then renews."""
+    clock = FakeClock()
+    cache = MemoryCache(clock=clock)
+    lease = await cache.lease("k")
+    clock.now += 599.999
+    assert await cache.lease("k") == lease
+    clock.now += 0.001
+    renewed = await cache.lease("k")
+    assert renewed != lease
+    assert await cache.put_if_newer("k", "late", 1, lease=lease) is False
+    assert await cache.put_if_newer("k", "fresh", 1, lease=renewed) is True
+
+
+@pytest.mark.anyio
+async def test_the_expiry_of_an_item_or_a_floor_ends_the_keys_incarnation() -> None:
+    """An item's or a floor's expiry ends the key's incarnation: its old lease is refused."""
+    clock = FakeClock()
+    cache = MemoryCache(clock=clock)
+    item_lease, floor_lease = await cache.lease_many(["item", "floor"])
+    assert await cache.put_if_newer("item", "v", 5, ttl=10, lease=item_lease)
+    await cache.invalidate("floor", 5, ttl=20)
+    clock.now += 10
+    assert await cache.put_if_newer("item", "v", 6, lease=item_lease) is False
+    assert await cache.put_if_newer("floor", "v", 6, lease=floor_lease) is True
+    clock.now += 10
+    assert await cache.versions(["item", "floor"]) == [None, 6]
+    await cache.invalidate("floor", 9, ttl=5)
+    clock.now += 5
+    assert await cache.put_if_newer("floor", "old", 2) is True  # the floor (and everything) expired
+    assert await cache.put_if_newer("floor", "newer", 3, lease=floor_lease) is False
+    assert cache.statistics() == MemoryCacheStatistics(items=1, floors=0, locks=0, lock_waiters=0, poisoned=0)

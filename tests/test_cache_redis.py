@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 import msgspec
 import pytest
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
-from cache import CacheError, CacheItem, CacheUnavailable, RedisCache
+from cache import CacheError, CacheItem, CacheUnavailable, InvalidArgument, RedisCache
 from tests._cache_backends import Backend, open_backend
 from tests._redis_servers import PrivateRedis, RedisClusterServers
 from tests.test_cache_contract import HOSTILE_KEYS
@@ -109,6 +112,20 @@ def test_namespace_must_be_plain() -> None:
     for bad in ["", "a:b", "{a}", "a b", "a*", "ü"]:
         with pytest.raises(ValueError, match="namespace"):
             RedisCache.from_url("redis://127.0.0.1:1/0", namespace=bad)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"namespace": "a:b"}, {"namespace": ""}, {"floor_ttl": 0}, {"floor_ttl": None}, {"max_value_bytes": 0}],
+    ids=repr,
+)
+def test_bad_constructor_options_are_invalid_argument(options: dict[str, Any]) -> None:
+    """A bad namespace, floor_ttl or max_value_bytes is InvalidArgument (a CacheError and a ValueError)."""
+    for build in (RedisCache.from_url, lambda url, **kw: RedisCache(Redis.from_url(url), **kw)):
+        with pytest.raises(InvalidArgument) as caught:
+            build("redis://127.0.0.1:1/0", **options)
+        assert isinstance(caught.value, CacheError)
+        assert isinstance(caught.value, ValueError)
 
 
 async def test_scripts_survive_script_flush(private_redis: PrivateRedis) -> None:
@@ -218,3 +235,206 @@ async def test_a_closed_cache_raises_cache_unavailable(redis_url: str) -> None:
     await cache.aclose()
     with pytest.raises(CacheUnavailable, match="closed"):
         await cache.get("k")
+
+
+# -- fences never repeat -----------------------------------------------------------------------------
+
+
+async def test_fences_increase_across_a_lost_counter_and_a_restart_and_never_trail_the_clock(
+    private_redis: PrivateRedis,
+) -> None:
+    """Fences are >= server TIME in µs and increase across a deleted counter and a restart."""
+    fences: list[int] = []
+    async with RedisCache.from_url(private_redis.url, namespace="f", socket_timeout=2) as cache:
+        counter = cache.redis_keys("k")[2]
+
+        async def grant() -> None:
+            with private_redis.client() as raw:
+                seconds, micros = raw.time()
+            _, lock = await cache.get_and_lock("k", lock_timeout=30)
+            assert lock.fence >= seconds * 1_000_000 + micros
+            await cache.unlock("k", lock)
+            fences.append(lock.fence)
+
+        for _ in range(3):
+            await grant()
+        with private_redis.client() as raw:
+            assert raw.delete(counter) == 1
+        await grant()
+        await grant()
+        with private_redis.client() as raw:
+            run_id = raw.info("server")["run_id"]
+        await anyio.to_thread.run_sync(private_redis.stop)  # blocking process control, off the loop
+        await anyio.to_thread.run_sync(private_redis.start)
+        with private_redis.client() as raw:
+            assert raw.info("server")["run_id"] != run_id
+            assert raw.dbsize() == 0  # the restart really lost the counter
+        await _until_reachable(cache)
+        await grant()
+        await grant()
+    assert fences == sorted(set(fences)), fences
+
+
+async def _until_reachable(cache: RedisCache) -> None:
+    """Call until the pool has dropped the connections the restart killed (each fails one call)."""
+    with anyio.fail_after(30):  # a hang guard, not a timing assertion
+        while True:
+            try:
+                await cache.versions(["probe"])
+            except CacheUnavailable:
+                continue
+            return
+
+
+async def test_cache_unavailable_says_what_redis_py_saw(private_redis: PrivateRedis) -> None:
+    """The CacheUnavailable message carries the redis-py error's own text, not only its class name."""
+    async with RedisCache.from_url(private_redis.url, namespace="t", connect_timeout=1) as cache:
+        await cache.put_if_newer("k", "v", 1)
+        await anyio.to_thread.run_sync(private_redis.stop)  # blocking process control, off the loop
+        for call in (cache.get("k"), cache.put_if_newer("k", "v", 2)):
+            with pytest.raises(CacheUnavailable) as caught:
+                await call
+            cause = caught.value.__cause__
+            assert cause is not None
+            assert str(cause)
+            assert f"{type(cause).__name__}: {cause}" in str(caught.value)
+
+
+# -- malformed entries ---------------------------------------------------------------------------------
+
+
+class Point(msgspec.Struct, frozen=True):
+    x: int
+    y: int
+
+
+_ONE = msgspec.msgpack.encode(Point(1, 2))
+
+
+async def _hash(raw: Redis | RedisCluster, entry: bytes, fields: dict[str, bytes]) -> None:
+    await raw.hset(entry, mapping=fields)  # type: ignore[arg-type]
+
+
+POISONS: dict[str, Callable[[Redis | RedisCluster, bytes], Awaitable[Any]]] = {
+    "non-numeric v": lambda raw, e: _hash(raw, e, {"v": b"abc", "d": _ONE, "inc": b"7"}),
+    "5000-digit v": lambda raw, e: _hash(raw, e, {"v": b"9" * 5000, "d": _ONE}),
+    "negative v": lambda raw, e: _hash(raw, e, {"v": b"-1", "d": _ONE}),
+    "leading-zero v": lambda raw, e: _hash(raw, e, {"v": b"007", "d": _ONE, "inc": b"7"}),
+    "v above 2**64": lambda raw, e: _hash(raw, e, {"v": b"18446744073709551616", "d": _ONE}),
+    "v without d": lambda raw, e: _hash(raw, e, {"v": b"5", "inc": b"7"}),
+    "d without v": lambda raw, e: _hash(raw, e, {"d": _ONE, "inc": b"7"}),
+    "undecodable d": lambda raw, e: _hash(raw, e, {"v": b"5", "d": b"\xc1", "inc": b"7"}),
+    "a string": lambda raw, e: raw.set(e, b"5"),
+    "a list": lambda raw, e: raw.rpush(e, b"5", b"x"),
+}
+VERSION_VISIBLE = {"undecodable d"}
+"""Entries whose well-formed ``v`` versions() reports: it reads no value, so cannot see it is undecodable."""
+
+
+def _reads(cache: RedisCache) -> list[Callable[[], Awaitable[CacheItem | None]]]:
+    return [
+        lambda: cache.get("k"),
+        lambda: cache.get("k", type=Point),
+        lambda: cache.get_if_newer("k", 0),
+        lambda: cache.get_if_newer("k", 0, type=Point),
+    ]
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+async def test_a_malformed_entry_is_a_counted_miss_that_is_removed_and_replaced(
+    backend: Backend, poison: str
+) -> None:
+    """A malformed entry reads as None, is counted as poisoned and removed; a put at version 1 stores."""
+    cache, raw = backend.cache, backend.raw
+    assert isinstance(cache, RedisCache)
+    assert raw is not None
+    entry = cache.redis_keys("k")[0]
+    for read in _reads(cache):
+        await POISONS[poison](raw, entry)
+        before = cache.statistics().poisoned
+        assert await read() is None
+        assert cache.statistics().poisoned == before + 1
+        assert await raw.exists(entry) == 0
+        assert await cache.put_if_newer("k", Point(7, 7), 1) is True
+        assert await cache.get("k", type=Point) == CacheItem("k", Point(7, 7), 1)
+        await raw.delete(entry)
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+async def test_versions_reports_none_for_a_malformed_entry(backend: Backend, poison: str) -> None:
+    """versions() is None for a malformed v, a missing value or a key of another type."""
+    cache, raw = backend.cache, backend.raw
+    assert isinstance(cache, RedisCache)
+    assert raw is not None
+    await POISONS[poison](raw, cache.redis_keys("k")[0])
+    await cache.put_if_newer("good", "x", 3)
+    expected = 5 if poison in VERSION_VISIBLE else None
+    assert await cache.versions(["good", "k", "absent"]) == [3, expected, None]
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+async def test_get_and_lock_on_a_malformed_entry_locks_a_miss_and_put_and_unlock_replaces_it(
+    backend: Backend, poison: str
+) -> None:
+    """get_and_lock on a malformed entry locks a miss, and put_and_unlock replaces the entry."""
+    cache, raw = backend.cache, backend.raw
+    assert isinstance(cache, RedisCache)
+    assert raw is not None
+    await POISONS[poison](raw, cache.redis_keys("k")[0])
+    item, lock = await cache.get_and_lock("k", lock_timeout=30, type=Point)
+    assert item is None
+    version = await cache.put_and_unlock("k", Point(8, 8), lock)
+    assert await cache.get("k", type=Point) == CacheItem("k", Point(8, 8), version)
+
+
+# -- configuration warnings and the error seam -----------------------------------------------------
+
+
+async def test_eviction_warning_names_an_allkeys_policy_only(private_redis: PrivateRedis) -> None:
+    """eviction_warning() is None under noeviction and volatile-lru, and names allkeys-lru under it."""
+    async with RedisCache.from_url(private_redis.url, namespace="w") as cache:
+        with private_redis.client() as raw:
+            raw.config_set("maxmemory-policy", "noeviction")
+            assert await cache.eviction_warning() is None
+            raw.config_set("maxmemory-policy", "volatile-lru")
+            assert await cache.eviction_warning() is None
+            raw.config_set("maxmemory-policy", "allkeys-lru")
+            warning = await cache.eviction_warning()
+    assert warning is not None
+    assert "allkeys-lru" in warning
+    assert private_redis.address in warning
+
+
+class _FailingPipeline:
+    """A pipeline whose replies are those a Cluster node that dropped its connection mid-read leaves."""
+
+    def __init__(self, replies: list[Any]) -> None:
+        self._replies = replies
+
+    def execute_command(self, *args: Any) -> None:
+        pass
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        return self._replies
+
+
+class _PipelineClient:
+    connection_pool = type("Pool", (), {"connection_kwargs": {"host": "fake", "port": 1}})()
+
+    def __init__(self, replies: list[Any]) -> None:
+        self._replies = replies
+
+    def pipeline(self, transaction: bool = True) -> _FailingPipeline:
+        return _FailingPipeline(self._replies)
+
+
+async def test_versions_maps_a_failed_pipelined_reply_instead_of_reporting_a_miss() -> None:
+    """versions() raises CacheUnavailable for a failed pipelined reply instead of reporting a miss."""
+    wrong_type = ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+    client = _PipelineClient([b"4", True, wrong_type, wrong_type])
+    cache = RedisCache(client, namespace="fake")  # type: ignore[arg-type]
+    assert await cache.versions(["a", "b"]) == [4, None]
+    client._replies = [b"4", True, RedisConnectionError("Connection closed by server."), True]
+    with pytest.raises(CacheUnavailable) as caught:
+        await cache.versions(["a", "b"])
+    assert isinstance(caught.value.__cause__, RedisConnectionError)
