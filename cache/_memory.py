@@ -294,14 +294,14 @@ class MemoryCache:
                 raise ObjectLocked(f"key {key!r} is locked (fence {held.fence})")
             await self._wait_release(key, min(remaining, held.expires - self._clock()))
             self._check_open()
+        entry = self._item(key)
+        item = None
+        if entry is not None:  # decoded before the lock is granted: a value of another type locks nothing
+            item = CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
         fence = self._fences.get(key, 0) + 1
         self._fences[key] = fence
         token = secrets.token_hex(16)
         self._locks[key] = _Lock(token, fence, self._clock() + timeout)
-        entry = self._item(key)
-        item = None
-        if entry is not None:
-            item = CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
         return item, LockHandle(key, token, fence, time.time() + timeout)
 
     async def put_and_unlock(

@@ -377,6 +377,7 @@ class RedisCache:
             finally:
                 self._lock_waiters -= 1
             expires_at = time.time() + int(timeout_ms) / 1000
+        handle = LockHandle(key, token, int(reply[1]), expires_at)
         item = None
         if reply[2] != b"" and reply[3] is None:  # a version without a value: malformed
             self._poisoned += 1  # the lock's put_and_unlock replaces it
@@ -386,9 +387,11 @@ class RedisCache:
             except InvalidValue:
                 if decoder is _UNTYPED or not _decodes(reply[3]):
                     self._poisoned += 1  # the lock's put_and_unlock replaces it
-                else:
+                else:  # not of the caller's type: no handle reaches the caller, so do not keep the lock
+                    with contextlib.suppress(CacheError):
+                        await self.unlock(key, handle)
                     raise
-        return item, LockHandle(key, token, int(reply[1]), expires_at)
+        return item, handle
 
     async def _retry_lock(
         self, key: str, keys: tuple[bytes, ...], args: tuple[str, str], *, deadline: float, reply: Any

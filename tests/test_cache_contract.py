@@ -410,6 +410,18 @@ async def test_get_and_lock_decodes_into_type(cache: VersionedCache) -> None:
     await cache.unlock("k", lock)
 
 
+async def test_get_and_lock_of_a_value_of_another_type_raises_and_leaves_the_key_unlocked(
+    cache: VersionedCache,
+) -> None:
+    """A value that is not of type= raises InvalidValue, and no lock is left behind without a handle."""
+    await cache.put_if_newer("k", "not a point", 3)
+    with pytest.raises(InvalidValue, match="k"):
+        await cache.get_and_lock("k", lock_timeout=30, type=Point)
+    item, lock = await cache.get_and_lock("k", lock_timeout=30)  # free at once: nothing held
+    assert item == CacheItem("k", "not a point", 3)
+    await cache.unlock("k", lock)
+
+
 async def test_a_held_lock_refuses_another_locker_at_once(cache: VersionedCache) -> None:
     """get_and_lock on a held key raises ObjectLocked when wait is 0."""
     _, lock = await cache.get_and_lock("k", lock_timeout=30)
