@@ -84,7 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "--postgres", "POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres", "PostgreSQL DSN",
         secret=True,
     )  # fmt: skip
-    _option(parser, "--node-id", "NODE_ID", f"{socket.gethostname()}-{os.getpid()}", "this node's unique id")
+    _option(
+        parser, "--node-id", "NODE_ID", socket.gethostname(),
+        "this node's unique id; a node restarted under the same id resumes the change feed from its"
+        " durable checkpoint (set one per sidecar when several run on one host)",
+    )  # fmt: skip
     _option(parser, "--namespace", "NAMESPACE", "gc", "Redis key namespace of the cache and the members set")
     _option(parser, "--schema", "SCHEMA", "graphcache", "PostgreSQL schema of the graphs and the outbox")
     _option(
@@ -292,12 +296,15 @@ async def _serve(args: argparse.Namespace) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, args.node_id, signals, tg.cancel_scope)
-            port = await tg.start(serve_http, args.metrics_host, args.metrics_port, _routes(sidecar))
-            url = f"http://{args.metrics_host}:{port}/metrics"
             try:
+                port = await tg.start(serve_http, args.metrics_host, args.metrics_port, _routes(sidecar))
+                url = f"http://{args.metrics_host}:{port}/metrics"
                 await _run_node(args, sidecar, url)
             except (StoreError, CacheError) as exc:  # raised outside the task group: not as a group
                 failure = exc
+            except OSError as exc:  # the HTTP port is taken or the address is not this host's
+                where = f"{args.metrics_host}:{args.metrics_port}"
+                failure = OSError(f"cannot listen on {where}: {exc.strerror or exc}")
             finally:
                 tg.cancel_scope.cancel()
     if failure is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -156,4 +157,22 @@ async def test_unreachable_server_exits_1_with_the_reason(
     assert "is unreachable, retrying" in stderr
     assert "cannot serve:" in stderr
     assert "127.0.0.1:1" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.anyio
+async def test_a_taken_port_exits_1_with_one_line(postgres_dsn: str, pg_schema: str) -> None:
+    """A metrics port already in use is one clear line and exit 1, before anything is created."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [
+            sys.executable, str(ROOT_DIR / "run.py"), "serve", "--membership", "static",
+            "--metrics-port", str(port), "--postgres", postgres_dsn, "--schema", pg_schema,
+        ]  # fmt: skip
+        result = await anyio.run_process(command, check=False, cwd=ROOT_DIR)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in stderr
     assert "Traceback" not in stderr
