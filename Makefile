@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) run.py demo
+	$(PY) -m graphcache demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -24,11 +24,11 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 bench: $(STAMP)
-	$(PY) run.py bench cache
-	$(PY) run.py bench store
+	$(PY) -m graphcache bench cache
+	$(PY) -m graphcache bench store
 
 loadtest: $(STAMP)
-	$(PY) run.py loadtest --compare
+	$(PY) -m graphcache loadtest --compare
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -12,8 +12,9 @@ from ._membership import (
     StaticMembership,
 )
 from ._messages import Changed, Message, Refresh, Stop
-from ._node import Consistency, Node
-from ._ring import EmptyRing, InvalidNodeId, InvalidRingConfig, Ring
+from ._node import DEFAULT_SWEEP_INTERVAL, Consistency, Node
+from ._retry import RetryPolicy, is_transient
+from ._ring import DEFAULT_PROBES, EmptyRing, InvalidNodeId, InvalidRingConfig, Ring
 from ._stats import ActorStatistics, HistogramSnapshot, NodeStatistics
 
 __all__ = (  # noqa: RUF022  (plain sorted order, as tests/test_all_attributes.py checks)
@@ -23,6 +24,8 @@ __all__ = (  # noqa: RUF022  (plain sorted order, as tests/test_all_attributes.p
     "Changed",
     "Consistency",
     "DEFAULT_MIN_REBUILD_INTERVAL",
+    "DEFAULT_PROBES",
+    "DEFAULT_SWEEP_INTERVAL",
     "EmptyRing",
     "HistogramSnapshot",
     "InvalidArgument",
@@ -39,10 +42,12 @@ __all__ = (  # noqa: RUF022  (plain sorted order, as tests/test_all_attributes.p
     "Rebuilder",
     "RedisMembership",
     "Refresh",
+    "RetryPolicy",
     "Ring",
     "RootActor",
     "StaticMembership",
     "Stop",
     "VersionNotReached",
     "graph_key",
+    "is_transient",
 )

@@ -26,9 +26,8 @@ import anyio.abc
 from anyio import WouldBlock
 from tenacity import RetryCallState
 
-from cache import VersionedCache
-from storage import GraphStore
-
+from ..cache import VersionedCache
+from ..storage import GraphStore
 from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument
 from ._messages import Changed, Message, Refresh, Stop

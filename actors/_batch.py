@@ -31,9 +31,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from cache import CacheUnavailable, VersionedCache
-from storage import Graph, GraphStore, RootNotFound
-
+from ..cache import CacheUnavailable, VersionedCache
+from ..storage import Graph, GraphStore, RootNotFound
 from ._keys import graph_key
 from ._validate import check_count
 

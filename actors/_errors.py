@@ -11,7 +11,7 @@
         │                       any I/O
         ├── InvalidNodeId, InvalidRingConfig      (``_ring.py``)
         ├── InvalidMembershipConfig               (``_membership.py``)
-        └── InvalidPort                           (``_http.py``)
+        └── InvalidPort                           (``graphcache.sidecar``)
 
 Errors of the store and the cache (``storage.StoreError``, ``cache.CacheError``) pass through ``get`` and
 ``apply`` unchanged: they are already mapped at their own seams.

@@ -51,9 +51,8 @@ import anyio
 import anyio.abc
 from tenacity import AsyncRetrying, RetryCallState
 
-from cache import CacheError, VersionedCache
-from storage import Change, Graph, GraphStore, Op
-
+from ..cache import CacheError, VersionedCache
+from ..storage import Change, Graph, GraphStore, Op
 from ._actor import DEFAULT_MIN_REBUILD_INTERVAL, RootActor
 from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached

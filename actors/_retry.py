@@ -17,9 +17,8 @@ from typing import TypeVar
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
-from cache import CacheUnavailable
-from storage import StoreUnavailable
-
+from ..cache import CacheUnavailable
+from ..storage import StoreUnavailable
 from ._validate import check_positive
 
 __all__ = ("TRANSIENT_ERRORS", "RetryPolicy", "is_transient")

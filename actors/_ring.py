@@ -7,7 +7,7 @@ probe that lands closest to its virtual node decides (multi-probe consistent has
 O'Reilly 2015). With one probe this is the classic ring, whose per-node share varies by about
 ``1/sqrt(vnodes)`` (9% at 128 vnodes: in 56% of 50 random 10-node clusters some node was more than
 15% off the mean); with three probes none was (worst 13.5%, 95th percentile 10%). Measure it with
-``python -m harness._simulate --balance-clusters 50``.
+``python -m graphcache.harness._simulate --balance-clusters 50``.
 
 Why moves stay minimal: the owner is ``argmin(score(root, node), node)`` over the nodes, where a
 node's score is the shortest clockwise distance from any probe to one of *its* virtual nodes and

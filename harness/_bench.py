@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-_TARGETS = {"cache": "harness._bench_cache", "store": "harness._bench_store"}
+_TARGETS = {"cache": "graphcache.harness._bench_cache", "store": "graphcache.harness._bench_store"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

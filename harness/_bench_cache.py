@@ -20,7 +20,7 @@ import anyio
 import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from cache import RedisCache
+from ..cache import RedisCache
 
 __all__ = ("add_arguments", "run")
 

@@ -33,7 +33,7 @@ import asyncpg
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from storage import PostgresStore, Upsert
+from ..storage import PostgresStore, Upsert
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

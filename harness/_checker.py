@@ -27,8 +27,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from storage import Delete, Op, Upsert
-
+from ..storage import Delete, Op, Upsert
 from ._history import Event, HistoryError, rows_hash
 
 __all__ = ("CheckReport", "Violation", "check", "check_with_lags")

@@ -136,7 +136,7 @@ def _verdict(result: DemoResult) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``run.py demo``: exit 0 when graphcache kept its guarantees, 1 otherwise, 2 on bad flags."""
+    """``graphcache demo``: exit 0 when graphcache kept its guarantees, 1 otherwise, 2 on bad flags."""
     try:
         config = demo_config(args)
     except ValueError as exc:

@@ -25,7 +25,7 @@ from typing import Any, Literal, Self
 
 import msgspec
 
-from storage import Graph
+from ..storage import Graph
 
 __all__ = ("Event", "HistoryError", "HistoryWriter", "graph_hash", "read_history", "rows_hash")
 

@@ -2,8 +2,9 @@
 
 Embedded (default): a MemoryStore with simulated I/O latency and a MemoryCache, writers, readers and (for
 the actor strategy) Nodes as tasks of this one process. Real servers (``--redis URL --postgres DSN``):
-writer and reader processes (``python -m harness._procs``) and, for the actor strategy, ``python run.py
-serve`` node processes, each strategy in a fresh Redis namespace and PostgreSQL schema (removed afterwards).
+writer and reader processes (``python -m graphcache.harness._procs``) and, for the actor strategy,
+``python -m graphcache serve`` node processes, each strategy in a fresh Redis namespace and PostgreSQL
+schema (removed afterwards).
 The actor load starts once every sidecar sees all members and their hand-off window has passed.
 
 After the writers stop, the run settles: it records each root's committed version (``final``), waits until
@@ -34,10 +35,9 @@ import anyio
 import anyio.abc
 import msgspec
 
-from actors import DEFAULT_MIN_REBUILD_INTERVAL, Node, StaticMembership, graph_key
-from cache import MemoryCache, VersionedCache
-from storage import Graph, GraphStore, MemoryStore
-
+from ..actors import DEFAULT_MIN_REBUILD_INTERVAL, Node, StaticMembership, graph_key
+from ..cache import MemoryCache, VersionedCache
+from ..storage import Graph, GraphStore, MemoryStore
 from ._checker import check_with_lags
 from ._history import Event, HistoryWriter, read_history
 from ._procs import Child, open_cache, open_store, spawn, worker_argv
@@ -224,7 +224,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``run.py loadtest``: exit 0 when graphcache (actor) kept G1-G3, 1 when it did not, 2 on bad flags."""
+    """``graphcache loadtest``: exit 0 when graphcache (actor) kept G1-G3, 1 if not, 2 on bad flags."""
     if args.simulate_ring:
         return _print_ring_simulation(args.simulate_ring, args.seed)
     try:
@@ -287,7 +287,7 @@ def _print_ring_simulation(nodes: str, seed: int) -> int:
     if not counts or min(counts) < 2:
         print(f"loadtest: --simulate-ring wants a comma list of node counts >= 2, got {nodes!r}")
         return 2
-    # 20,000 roots keep it to seconds; ``python -m harness._simulate --help`` has every knob.
+    # 20,000 roots keep it to seconds; ``python -m graphcache.harness._simulate --help`` has every knob.
     return simulate_main(["--nodes", ",".join(map(str, counts)), "--roots", "20000", "--seed", str(seed)])
 
 
@@ -405,22 +405,21 @@ async def _embedded_nodes(env: _Env) -> AsyncIterator[Callable[[], Awaitable[Tal
         yield tally
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVE_READY = "ready"
 """The sidecar prints one line containing this word (and its metrics address) once it serves."""
 NODE_TTL, NODE_HEARTBEAT = 3.0, 1.0
 """The sidecars' membership ``--ttl`` and ``--heartbeat``, passed on their command line."""
 NODE_HANDOFF = NODE_TTL + 2 * NODE_HEARTBEAT
-"""Seconds a sidecar keeps serving roots it lost in a view change: ``run.py serve`` sets the Node's
+"""Seconds a sidecar keeps serving roots it lost in a view change: ``graphcache serve`` sets the Node's
 ``handoff`` to ``--ttl`` + 2 x ``--heartbeat``."""
 
 
 @contextlib.asynccontextmanager
 async def _serve_nodes(env: _Env, out: Path) -> AsyncIterator[Callable[[], Awaitable[Tally]]]:
-    """``config.nodes`` sidecars (``run.py serve``) with Redis membership; counts come from /metrics."""
+    """``config.nodes`` sidecars (``graphcache serve``) with Redis membership; counts come from /metrics."""
     config = env.config
     nodes = [await spawn(f"node-{i}", _serve_argv(env, f"node-{i}"), log=out / f"node-{i}.log",
-                         cwd=PROJECT_ROOT, ready_marker=SERVE_READY)
+                         ready_marker=SERVE_READY)
              for i in range(config.nodes)]  # fmt: skip
     try:
         async with anyio.create_task_group() as tg:
@@ -452,7 +451,7 @@ async def _serve_nodes(env: _Env, out: Path) -> AsyncIterator[Callable[[], Await
 def _serve_argv(env: _Env, node_id: str) -> list[str]:
     config = env.config
     return [
-        sys.executable, str(PROJECT_ROOT / "run.py"), "serve", "--redis", str(config.redis),
+        sys.executable, "-m", "graphcache", "serve", "--redis", str(config.redis),
         "--postgres", str(config.postgres), "--namespace", env.namespace, "--schema", env.schema,
         "--node-id", node_id, "--membership", "redis", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
         "--min-rebuild-interval", str(config.min_rebuild_interval), "--ttl", str(NODE_TTL),

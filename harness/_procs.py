@@ -1,4 +1,4 @@
-"""Load-test worker processes: ``python -m harness._procs writer|reader [options]``.
+"""Load-test worker processes: ``python -m graphcache.harness._procs writer|reader [options]``.
 
 The load generator (``harness/_loadtest.py``) starts these in their own sessions and speaks to them with
 signals and stdout lines, so no process needs a thread blocked on stdin:
@@ -28,9 +28,8 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from cache import RedisCache, VersionedCache
-from storage import GraphStore, PostgresStore
-
+from ..cache import RedisCache, VersionedCache
+from ..storage import GraphStore, PostgresStore
 from ._history import HistoryWriter
 from ._strategies import NAMES, STRATEGIES, Tally
 from ._workload import DEFAULT_CHILDREN, Lane, Stopper, read_loop, task_picker, write_loop
@@ -237,14 +236,14 @@ async def spawn(
 
 def worker_argv(role: str, options: dict[str, object]) -> list[str]:
     """The command line of one worker process (``options``: long option name -> value)."""
-    argv = [sys.executable, "-m", "harness._procs", role]
+    argv = [sys.executable, "-m", "graphcache.harness._procs", role]
     for option, value in options.items():
         argv += [f"--{option.replace('_', '-')}", str(value)]
     return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness._procs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m graphcache.harness._procs", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"{args.role} %(levelname)s %(name)s: %(message)s")

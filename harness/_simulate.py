@@ -17,7 +17,7 @@ like theirs (no import of the actor code, so the figure is reproducible on its o
   RootActor          as a cross-check, graphcache's own ``actors.RootActor`` (MemoryStore, MemoryCache),
                      started in a task group and idle; the deployment plan uses this figure
 
-Run it: ``python -m harness._simulate --nodes 3,10,100,1000 --roots 100000`` (or ``run.py loadtest
+Run it: ``python -m graphcache.harness._simulate --nodes 3,10,100,1000 --roots 100000`` (or ``run.py loadtest
 --simulate-ring 3,10,100,1000``).
 """
 
@@ -36,10 +36,9 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from actors import Ring, RootActor
-from actors._ring import DEFAULT_PROBES
-from cache import MemoryCache
-from storage import MemoryStore
+from ..actors import DEFAULT_PROBES, Ring, RootActor
+from ..cache import MemoryCache
+from ..storage import MemoryStore
 
 __all__ = (
     "BalanceRow",
@@ -491,7 +490,7 @@ def _node_counts(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness._simulate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m graphcache.harness._simulate", description=__doc__)
     parser.add_argument(
         "--nodes", type=_node_counts, default=[3, 10, 100, 1000], help="comma list of node counts"
     )

@@ -20,9 +20,9 @@ from typing import ClassVar, Protocol
 
 import anyio
 
-from actors import graph_key
-from cache import LockHandle, LockLost, ObjectLocked, VersionedCache
-from storage import Graph, GraphStore
+from ..actors import graph_key
+from ..cache import LockHandle, LockLost, ObjectLocked, VersionedCache
+from ..storage import Graph, GraphStore
 
 __all__ = ("NAMES", "STRATEGIES", "Strategy", "Tally")
 

@@ -22,10 +22,9 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from actors import graph_key
-from cache import CacheError, VersionedCache
-from storage import Change, Checkpoint, ConcurrencyConflict, Graph, GraphStore, Node, Op, StoreError, Upsert
-
+from ..actors import graph_key
+from ..cache import CacheError, VersionedCache
+from ..storage import Change, Checkpoint, ConcurrencyConflict, Graph, GraphStore, Node, Op, StoreError, Upsert
 from ._history import Event, HistoryWriter, graph_hash
 from ._strategies import Strategy, Tally
 

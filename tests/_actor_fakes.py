@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from storage import Change, Checkpoint, Graph, GraphStore, MemoryStore, Op, StoreUnavailable
+from graphcache.storage import Change, Checkpoint, Graph, GraphStore, MemoryStore, Op, StoreUnavailable
 
 
 class WrappedStore:

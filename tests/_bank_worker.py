@@ -15,7 +15,7 @@ import sys
 
 import anyio
 
-from cache import CacheItem, ObjectLocked, RedisCache, VersionedCache, VersionMismatch
+from graphcache.cache import CacheItem, ObjectLocked, RedisCache, VersionedCache, VersionMismatch
 
 __all__ = ("run_tasks",)
 

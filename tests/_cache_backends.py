@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
-from cache import MemoryCache, RedisCache
+from graphcache.cache import MemoryCache, RedisCache
 
 __all__ = ("BACKENDS", "Backend", "OffsetClock", "open_backend")
 

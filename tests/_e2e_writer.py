@@ -11,7 +11,7 @@ import sys
 
 import anyio
 
-from storage import PostgresStore, Upsert
+from graphcache.storage import PostgresStore, Upsert
 
 TASKS = 8
 

@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from storage import Graph
+from graphcache.storage import Graph
 
 __all__ = ("Reads", "graph_is_whole")
 

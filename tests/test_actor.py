@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from actors import ActorDead, Changed, InvalidArgument, Refresh, RootActor, Stop, graph_key
-from cache import MemoryCache
-from storage import Graph, MemoryStore, Upsert
+from graphcache.actors import ActorDead, Changed, InvalidArgument, Refresh, RootActor, Stop, graph_key
+from graphcache.cache import MemoryCache
+from graphcache.storage import Graph, MemoryStore, Upsert
 from tests._actor_fakes import FlakyStore, GatedStore
 
 pytestmark = pytest.mark.anyio

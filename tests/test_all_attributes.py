@@ -6,7 +6,8 @@ import importlib
 
 import pytest
 
-PACKAGES = ["actors", "cache", "harness", "storage"]
+PARTS = ("actors", "cache", "harness", "sidecar", "storage")
+PACKAGES = ["graphcache", *(f"graphcache.{part}" for part in PARTS)]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

@@ -8,9 +8,9 @@ from typing import Any
 import anyio
 import pytest
 
-from actors import InvalidArgument, Node, Rebuilder, graph_key
-from cache import MemoryCache, ValueTooLarge
-from storage import Graph, MemoryStore, RootNotFound, StoreUnavailable, Upsert
+from graphcache.actors import InvalidArgument, Node, Rebuilder, graph_key
+from graphcache.cache import MemoryCache, ValueTooLarge
+from graphcache.storage import Graph, MemoryStore, RootNotFound, StoreUnavailable, Upsert
 from tests._actor_fakes import BatchStore, WrappedStore
 
 pytestmark = pytest.mark.anyio

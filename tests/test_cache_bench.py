@@ -7,7 +7,7 @@ import argparse
 import pytest
 from redis import Redis
 
-from harness import _bench_cache
+from graphcache.harness import _bench_cache
 
 
 def test_bench_cache_reports_every_ratio_and_cleans_up(

@@ -11,7 +11,7 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import Process
 
-from cache import CacheItem, VersionedCache
+from graphcache.cache import CacheItem, VersionedCache
 from tests._bank_worker import run_tasks
 from tests._cache_backends import BACKENDS, Backend, open_backend
 

@@ -11,7 +11,7 @@ import anyio
 import msgspec
 import pytest
 
-from cache import (
+from graphcache.cache import (
     CacheError,
     CacheItem,
     InvalidArgument,

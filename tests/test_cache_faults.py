@@ -22,7 +22,7 @@ import pytest
 import redis
 from redis.asyncio import Redis, RedisCluster
 
-from cache import CacheError, CacheItem, CacheUnavailable, RedisCache
+from graphcache.cache import CacheError, CacheItem, CacheUnavailable, RedisCache
 from tests._redis_servers import PrivateRedis, RedisClusterServers
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis, RedisCluster
 
-from cache import (
+from graphcache.cache import (
     CacheError,
     CacheItem,
     InvalidArgument,

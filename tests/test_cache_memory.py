@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cache import LockLost, MemoryCache, MemoryCacheStatistics, RedisCache
+from graphcache.cache import LockLost, MemoryCache, MemoryCacheStatistics, RedisCache
 
 
 class FakeClock:

@@ -15,7 +15,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from cache import CacheError, CacheItem, CacheUnavailable, InvalidArgument, RedisCache
+from graphcache.cache import CacheError, CacheItem, CacheUnavailable, InvalidArgument, RedisCache
 from tests._cache_backends import Backend, open_backend
 from tests._redis_servers import PrivateRedis, RedisClusterServers
 from tests.test_cache_contract import HOSTILE_KEYS

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import Event, HistoryError, check, check_with_lags, graph_hash
-from storage import Delete, Graph, GraphStore, MemoryStore, Node, Op, PostgresStore, Upsert
+from graphcache.harness import Event, HistoryError, check, check_with_lags, graph_hash
+from graphcache.storage import Delete, Graph, GraphStore, MemoryStore, Node, Op, PostgresStore, Upsert
 
 Rows = dict[str, tuple[str | None, dict[str, Any]]]
 

@@ -7,8 +7,8 @@ import argparse
 import anyio
 import pytest
 
-from harness import _demo
-from harness._demo import DemoColumn, DemoResult, format_demo, run_demo
+from graphcache.harness import _demo
+from graphcache.harness._demo import DemoColumn, DemoResult, format_demo, run_demo
 
 
 def demo_args(*argv: str) -> argparse.Namespace:

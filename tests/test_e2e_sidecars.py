@@ -12,9 +12,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from actors import Ring, graph_key
-from cache import RedisCache
-from storage import Graph, PostgresStore, Upsert
+from graphcache.actors import Ring, graph_key
+from graphcache.cache import RedisCache
+from graphcache.storage import Graph, PostgresStore, Upsert
 from tests._sidecar_procs import ROOT_DIR, Servers, Sidecar, serve_command, sidecar, tail
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

@@ -10,8 +10,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from actors import InvalidArgument
-from actors._http import InvalidPort, Route, serve_http
+from graphcache.actors import InvalidArgument
+from graphcache.sidecar._http import InvalidPort, Route, serve_http
 
 pytestmark = pytest.mark.anyio
 

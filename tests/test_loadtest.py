@@ -12,9 +12,9 @@ import anyio
 import msgspec
 import pytest
 
-from harness import StrategyResult, _loadtest, read_history
-from harness._loadtest import LoadConfig, _tally_from_metrics, run_compare
-from harness._strategies import NAMES
+from graphcache.harness import StrategyResult, _loadtest, read_history
+from graphcache.harness._loadtest import LoadConfig, _tally_from_metrics, run_compare
+from graphcache.harness._strategies import NAMES
 
 
 def loadtest(argv: list[str]) -> int:

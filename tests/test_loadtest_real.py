@@ -11,7 +11,7 @@ import anyio
 import msgspec
 import pytest
 
-from harness import StrategyResult, _loadtest, read_history
+from graphcache.harness import StrategyResult, _loadtest, read_history
 
 pytestmark = pytest.mark.slow
 

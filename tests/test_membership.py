@@ -12,7 +12,7 @@ import anyio.abc
 import pytest
 import redis.asyncio as aioredis
 
-from actors import InvalidMembershipConfig, InvalidNodeId, RedisMembership, StaticMembership
+from graphcache.actors import InvalidMembershipConfig, InvalidNodeId, RedisMembership, StaticMembership
 from tests._redis_servers import PrivateRedis
 
 pytestmark = pytest.mark.anyio
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 # A member in its own OS process, so the test can SIGKILL it: no leave, no shielded cleanup.
 CRASHING_MEMBER = """
 import sys, anyio
-from actors import RedisMembership
+from graphcache.actors import RedisMembership
 
 async def main():
     url, namespace, node_id = sys.argv[1:]

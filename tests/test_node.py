@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from actors import (
+from graphcache.actors import (
     InvalidArgument,
     Node,
     NodeNotRunning,
@@ -20,8 +20,8 @@ from actors import (
     VersionNotReached,
     graph_key,
 )
-from cache import MemoryCache
-from storage import Change, Graph, MemoryStore, Upsert
+from graphcache.cache import MemoryCache
+from graphcache.storage import Change, Graph, MemoryStore, Upsert
 from tests._actor_fakes import (
     BogusChangeStore,
     BrokenFeedStore,

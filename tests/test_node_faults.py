@@ -15,9 +15,9 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from actors import Node, StaticMembership, graph_key
-from cache import CacheError, RedisCache
-from storage import (
+from graphcache.actors import Node, StaticMembership, graph_key
+from graphcache.cache import CacheError, RedisCache
+from graphcache.storage import (
     ConcurrencyConflict,
     Graph,
     MemoryStore,

@@ -10,9 +10,9 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from actors import Consistency, Node, StaticMembership, graph_key
-from cache import RedisCache
-from storage import Graph, PostgresStore, Upsert
+from graphcache.actors import Consistency, Node, StaticMembership, graph_key
+from graphcache.cache import RedisCache
+from graphcache.storage import Graph, PostgresStore, Upsert
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from harness import (
+from graphcache.harness import (
     CheckReport,
     Event,
     HistoryWriter,
@@ -26,8 +26,8 @@ from harness import (
     write_chart,
     write_json,
 )
-from harness import _check_cli as check_cli
-from storage import Graph, Node, Upsert
+from graphcache.harness import _check_cli as check_cli
+from graphcache.storage import Graph, Node, Upsert
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

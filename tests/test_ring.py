@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors import ActorError, EmptyRing, InvalidArgument, InvalidNodeId, InvalidRingConfig, Ring
-from actors._ring import _vnode_positions, _words
+from graphcache.actors import ActorError, EmptyRing, InvalidArgument, InvalidNodeId, InvalidRingConfig, Ring
+from graphcache.actors._ring import _vnode_positions, _words
 
 SPACE = 1 << 64
 

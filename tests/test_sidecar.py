@@ -13,11 +13,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-import run
-from actors import graph_key
-from actors._sidecar import _feed_min_poll_interval
-from cache import RedisCache
-from storage import Graph, PostgresStore, Upsert
+from graphcache import _cli as run
+from graphcache.actors import graph_key
+from graphcache.cache import RedisCache
+from graphcache.sidecar._serve import _feed_min_poll_interval
+from graphcache.storage import Graph, PostgresStore, Upsert
 from tests._sidecar_procs import ROOT_DIR, Servers, http_get, serve_command, sidecar
 
 OPTIONS = {
@@ -127,8 +127,8 @@ async def test_serves_metrics_and_health_and_stops_cleanly(
     assert code == 0
     log = (tmp_path / "solo.log").read_text()
     assert (
-        '"node": "solo", "logger": "actors._sidecar", "message": "node solo: SIGTERM received, stopping"'
-        in log
+        '"node": "solo", "logger": "graphcache.sidecar._serve", "message": "node solo: SIGTERM received,'
+        ' stopping"' in log
     )
     assert "node solo stopped" in log
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from actors import graph_key
-from cache import CacheUnavailable, RedisCache
-from storage import Graph, PostgresStore, Upsert
+from graphcache.actors import graph_key
+from graphcache.cache import CacheUnavailable, RedisCache
+from graphcache.storage import Graph, PostgresStore, Upsert
 from tests._pg_servers import PrivatePostgres
 from tests._redis_servers import PrivateRedis
 from tests._sidecar_procs import Servers, serve_command, sidecar

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from harness._simulate import (
+from graphcache.harness._simulate import (
     BalanceRow,
     InvalidSimulation,
     MemoryEstimate,
@@ -163,7 +163,7 @@ def test_tables_have_a_header_a_rule_and_a_line_per_row(rows: list[RingRow], stu
 
 
 def test_the_command_line_prints_the_three_tables(capsys: pytest.CaptureFixture[str]) -> None:
-    """python -m harness._simulate prints the ring table, the memory table and the plan."""
+    """python -m graphcache.harness._simulate prints the ring table, the memory table and the plan."""
     argv = ["--nodes", "3,10", "--roots", "500", "--memory-objects", "200", "--plan-nodes", "10"]
     assert main(argv) == 0
     blocks = capsys.readouterr().out.split("\n\n")

@@ -8,7 +8,7 @@ import re
 import asyncpg
 import pytest
 
-from harness import _bench_store
+from graphcache.harness import _bench_store
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from storage import PostgresStore, Upsert
-from storage._schema import SCHEMA_VERSION
+from graphcache.storage import PostgresStore, Upsert
+from graphcache.storage._schema import SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
 

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from storage import (
+from graphcache.storage import (
     Change,
     Checkpoint,
     ConcurrencyConflict,

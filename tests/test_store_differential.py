@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from storage import Delete, MemoryStore, Op, PostgresStore, StoreError, Upsert
+from graphcache.storage import Delete, MemoryStore, Op, PostgresStore, StoreError, Upsert
 
 pytestmark = pytest.mark.anyio
 

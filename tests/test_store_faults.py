@@ -17,8 +17,8 @@ import anyio
 import asyncpg
 import pytest
 
-from storage import PostgresStore, StoreUnavailable, Upsert
-from storage._feed import PostgresFeed
+from graphcache.storage import PostgresStore, StoreUnavailable, Upsert
+from graphcache.storage._feed import PostgresFeed
 from tests._pg_servers import PrivatePostgres
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]

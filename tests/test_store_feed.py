@@ -13,9 +13,9 @@ import anyio
 import asyncpg
 import pytest
 
-from storage import Change, PostgresStore, StoreUnavailable, Upsert
-from storage._postgres import _poll_upper_bound
-from storage._schema import SCHEMA_VERSION
+from graphcache.storage import Change, PostgresStore, StoreUnavailable, Upsert
+from graphcache.storage._postgres import _poll_upper_bound
+from graphcache.storage._schema import SCHEMA_VERSION
 from tests.test_store_contract import collect_until, writer_on_own_root
 
 pytestmark = pytest.mark.anyio

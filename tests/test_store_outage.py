@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from storage import InvalidOperation, PostgresStore, StoreUnavailable, Upsert
+from graphcache.storage import InvalidOperation, PostgresStore, StoreUnavailable, Upsert
 from tests._pg_servers import PrivatePostgres
 from tests.test_store_contract import collect_until
 
@@ -90,13 +90,13 @@ async def test_the_feed_resumes_without_loss_after_a_restart(private_postgres: P
                 group.start_soon(collect_until, feed, {"a": 4, "b": 3}, got)
                 poll_failed = anyio.Event()
                 watch = _OnLog("change feed poll failed", poll_failed)
-                logging.getLogger("storage._feed").addHandler(watch)
+                logging.getLogger("graphcache.storage._feed").addHandler(watch)
                 await anyio.to_thread.run_sync(private_postgres.stop)
                 try:
                     with anyio.fail_after(30):  # a hang guard
                         await poll_failed.wait()
                 finally:
-                    logging.getLogger("storage._feed").removeHandler(watch)
+                    logging.getLogger("graphcache.storage._feed").removeHandler(watch)
                     await anyio.to_thread.run_sync(private_postgres.start)
                 for root in ("a", "b"):
                     await store.apply(root, [Upsert("x", root, {"before": False})])

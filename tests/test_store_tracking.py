@@ -11,7 +11,14 @@ import anyio
 import asyncpg
 import pytest
 
-from storage import Graph, InvalidOperation, Node, PostgresStore, RootNotFound, install_change_tracking
+from graphcache.storage import (
+    Graph,
+    InvalidOperation,
+    Node,
+    PostgresStore,
+    RootNotFound,
+    install_change_tracking,
+)
 from tests.test_store_contract import collect_until
 
 pytestmark = pytest.mark.anyio

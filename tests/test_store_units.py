@@ -12,7 +12,7 @@ import asyncpg
 import asyncpg.utils
 import pytest
 
-from storage import (
+from graphcache.storage import (
     ConcurrencyConflict,
     Delete,
     InvalidOperation,
@@ -21,10 +21,10 @@ from storage import (
     StoreUnavailable,
     Upsert,
 )
-from storage._classify import breaks_connection, classify
-from storage._feed import FeedStatistics, PollResult, PostgresFeed, _per_root_increasing
-from storage._postgres import _seam
-from storage._validate import RowInfo, check_ops, plan_apply
+from graphcache.storage._classify import breaks_connection, classify
+from graphcache.storage._feed import FeedStatistics, PollResult, PostgresFeed, _per_root_increasing
+from graphcache.storage._postgres import _seam
+from graphcache.storage._validate import RowInfo, check_ops, plan_apply
 
 pytestmark = pytest.mark.anyio
 
@@ -370,7 +370,7 @@ async def test_a_failing_feed_reports_it_backs_off_and_delivers_once_polls_succe
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A poll failure sets statistics().failing and drops the connection; the next good poll clears it."""
-    monkeypatch.setattr("storage._feed._backoff", lambda base, attempt: 0.0)
+    monkeypatch.setattr("graphcache.storage._feed._backoff", lambda base, attempt: 0.0)
     store = FailingStore(2, [PollResult(100, 101, [], [("a", 1, 0.0)]), PollResult(101, 101, [], [])])
     feed = PostgresFeed(store, 90, listen=False, poll_interval=0.01)  # type: ignore[arg-type]
     store.feed = feed
@@ -389,7 +389,7 @@ async def test_a_back_off_is_not_cut_short_by_the_lost_connections_wake_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """After a failed poll the feed waits out its back-off even though the dead connection woke it."""
-    monkeypatch.setattr("storage._feed._backoff", lambda base, attempt: 3600.0)
+    monkeypatch.setattr("graphcache.storage._feed._backoff", lambda base, attempt: 3600.0)
     store = FailingStore(1, [PollResult(100, 101, [], [])])
     feed = PostgresFeed(store, 90, listen=False, poll_interval=0.01)  # type: ignore[arg-type]
     ended = anyio.Event()

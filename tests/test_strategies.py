@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from actors import graph_key
-from cache import MemoryCache
-from harness._loadtest import _share
-from harness._strategies import NAMES, STRATEGIES, Tally
-from harness._workload import RootPicker, SlowLoads, initial_graph, root_ids, write_ops
-from storage import Graph, GraphStore, MemoryStore, Upsert
+from graphcache.actors import graph_key
+from graphcache.cache import MemoryCache
+from graphcache.harness._loadtest import _share
+from graphcache.harness._strategies import NAMES, STRATEGIES, Tally
+from graphcache.harness._workload import RootPicker, SlowLoads, initial_graph, root_ids, write_ops
+from graphcache.storage import Graph, GraphStore, MemoryStore, Upsert
 from tests._actor_fakes import WrappedStore
 
 pytestmark = pytest.mark.anyio

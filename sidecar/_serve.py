@@ -28,16 +28,21 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from cache import CacheError, RedisCache
-from storage import InvalidOperation, PostgresStore, StoreError
-
-from ._actor import DEFAULT_MIN_REBUILD_INTERVAL
+from ..actors import (
+    DEFAULT_MIN_REBUILD_INTERVAL,
+    DEFAULT_SWEEP_INTERVAL,
+    Membership,
+    Node,
+    RedisMembership,
+    RetryPolicy,
+    StaticMembership,
+    graph_key,
+    is_transient,
+)
+from ..cache import CacheError, RedisCache
+from ..storage import InvalidOperation, PostgresStore, StoreError
 from ._http import serve_http
-from ._keys import graph_key
-from ._membership import Membership, RedisMembership, StaticMembership
 from ._metrics import metrics_registry, render_metrics
-from ._node import DEFAULT_SWEEP_INTERVAL, Node
-from ._retry import RetryPolicy, is_transient
 
 __all__ = ("add_arguments", "run")
 

@@ -17,7 +17,7 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from ._errors import InvalidArgument
+from ..actors import InvalidArgument
 
 __all__ = ("InvalidPort", "Route", "serve_http")
 

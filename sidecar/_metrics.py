@@ -8,8 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from ._node import Node
-from ._stats import HistogramSnapshot, NodeStatistics
+from ..actors import HistogramSnapshot, Node, NodeStatistics
 
 __all__ = ("NodeCollector", "metrics_registry", "render_metrics")
 
