@@ -41,19 +41,16 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Self
+from typing import NamedTuple, Protocol, Self
 
 import anyio
 
 from ._errors import StoreError, StoreUnavailable
 from ._model import Change
 
-if TYPE_CHECKING:
-    from ._postgres import PostgresStore
-
-__all__ = ("FeedStatistics", "PollResult", "PostgresFeed")
+__all__ = ("FeedConnection", "FeedStatistics", "Outbox", "PollResult", "PostgresFeed")
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +69,54 @@ class PollResult(NamedTuple):
     rows: list[tuple[str, int, float]]
 
 
+class FeedConnection(Protocol):
+    """What a feed does with its connection itself: notice it is gone, and drop it (asyncpg's
+    ``Connection`` is one)."""
+
+    def is_closed(self) -> bool: ...
+
+    def terminate(self) -> None: ...
+
+
+class Outbox(Protocol):
+    """What a feed needs of its store, and nothing more: the store's outbox and the feed's own connection.
+
+    ``PostgresStore`` hands each feed one (``_postgres._FeedOutbox``), so the feed never sees the store's
+    pool or its other statements; a test hands it a scripted one. ``connect``, ``poll``, ``set_listening``
+    and ``prune`` raise ``StoreError`` (``StoreUnavailable`` when the failure may pass).
+    """
+
+    @property
+    def retention(self) -> float:
+        """Seconds outbox rows are kept before ``prune`` deletes them."""
+        ...
+
+    async def connect(self, wake: Callable[..., None], *, listen: bool) -> FeedConnection:
+        """A connection of the feed's own, LISTENing if ``listen``; ``wake`` is called on each NOTIFY and
+        when the connection is lost."""
+        ...
+
+    async def disconnect(self, conn: FeedConnection) -> None:
+        """Close ``conn`` politely (bounded in time; dropped instead if that fails). Never raises."""
+        ...
+
+    async def poll(self, conn: FeedConnection, lower: int, extra: Sequence[int]) -> PollResult:
+        """Outbox rows with ``xid >= lower`` or ``xid`` in ``extra``, with the snapshot they were read in."""
+        ...
+
+    async def set_listening(self, conn: FeedConnection, wake: Callable[..., None], *, on: bool) -> None:
+        """LISTEN (calling ``wake`` on each NOTIFY) or UNLISTEN on the feed's connection."""
+        ...
+
+    async def prune(self) -> int:
+        """Delete outbox rows older than ``retention``; how many went."""
+        ...
+
+    def forget(self, feed: PostgresFeed) -> None:
+        """``feed`` is closed: the store need not close it any more."""
+        ...
+
+
 class FeedStatistics(NamedTuple):
     """A feed's counters and state. New fields go last, with a default."""
 
@@ -86,18 +131,18 @@ class FeedStatistics(NamedTuple):
 
 
 class PostgresFeed:
-    """Async iterator of ``Change`` from a ``PostgresStore``'s outbox; ``aclose()`` ends it."""
+    """Async iterator of ``Change`` from a store's ``Outbox``; ``aclose()`` ends it."""
 
     def __init__(
         self,
-        store: PostgresStore,
+        outbox: Outbox,
         after: int | None,
         *,
         listen: bool,
         poll_interval: float,
         min_poll_interval: float = 0.0,
     ) -> None:
-        self._store = store
+        self._outbox = outbox
         self._listen = listen
         self._poll_interval = poll_interval
         self._min_poll_interval = min_poll_interval
@@ -109,7 +154,7 @@ class PostgresFeed:
         self._buffer: deque[Change] = deque()
         self._max_seen: dict[str, int] = {}
         self._wake = anyio.Event()
-        self._conn: Any = None
+        self._conn: FeedConnection | None = None
         self._listening = False  # whether the current connection LISTENs
         self._busy_polls = 0
         self._failed_in_a_row = 0  # failed connects and polls since the latest good poll
@@ -156,7 +201,7 @@ class PostgresFeed:
         self._closed = True
         self._closing.set()
         self._wake.set()
-        self._store._forget(self)
+        self._outbox.forget(self)
         await self._disconnect()
 
     async def __aenter__(self) -> Self:
@@ -176,7 +221,7 @@ class PostgresFeed:
         self._last_poll = anyio.current_time()
         try:
             conn = await self._connection()
-            result = await self._store._poll(conn, self._lower, self._extra)
+            result = await self._outbox.poll(conn, self._lower, self._extra)
         except StoreUnavailable as exc:
             if self._closing.is_set():  # aclose() took the connection from under the poll: not a fault
                 return
@@ -203,7 +248,7 @@ class PostgresFeed:
         with anyio.move_on_after(self._poll_interval):
             await self._wake.wait()
 
-    async def _adapt_listening(self, conn: Any, *, busy: bool) -> bool:
+    async def _adapt_listening(self, conn: FeedConnection, *, busy: bool) -> bool:
         """LISTEN only while the feed waits; True if it should poll again without waiting.
 
         Under a stream of commits the feed polls every ``min_poll_interval`` anyway, and a NOTIFY per
@@ -215,13 +260,13 @@ class PostgresFeed:
         if not busy:
             self._busy_polls = 0
             if self._listen and not self._listening:
-                await self._store._set_listening(conn, self._notified, on=True)
+                await self._outbox.set_listening(conn, self._notified, on=True)
                 self._listening = True
                 return True
             return False
         self._busy_polls += 1
         if self._listening and self._busy_polls >= _BUSY_POLLS and self._min_poll_interval > 0:
-            await self._store._set_listening(conn, self._notified, on=False)
+            await self._outbox.set_listening(conn, self._notified, on=False)
             self._listening = False
         return True
 
@@ -250,27 +295,28 @@ class PostgresFeed:
 
     async def _maybe_prune(self) -> None:
         now = anyio.current_time()
-        if self._last_prune is not None and now - self._last_prune < min(self._store._retention / 2, 60.0):
+        retention = self._outbox.retention
+        if self._last_prune is not None and now - self._last_prune < min(retention / 2, 60.0):
             return
         self._last_prune = now
         try:
-            pruned = await self._store.prune_outbox()
+            pruned = await self._outbox.prune()
         except StoreError as exc:  # housekeeping: never a reason to stop delivering
             logger.warning("outbox pruning failed (will retry): %s", exc)
         else:
             if pruned:
-                logger.info("pruned %d outbox rows older than %.0fs", pruned, self._store._retention)
+                logger.info("pruned %d outbox rows older than %.0fs", pruned, retention)
 
     def _connected(self) -> bool:
         return self._conn is not None and not self._conn.is_closed()
 
-    async def _connection(self) -> Any:
-        if self._connected():
+    async def _connection(self) -> FeedConnection:
+        if self._conn is not None and not self._conn.is_closed():
             return self._conn
         if self._conn is not None:
             logger.warning("change feed connection lost; reconnecting")
             self._drop_connection()
-        conn = await self._store._open_feed_connection(self._notified, listen=self._listen)
+        conn = await self._outbox.connect(self._notified, listen=self._listen)
         self._conn = conn
         self._listening = self._listen
         self._busy_polls = 0
@@ -286,13 +332,8 @@ class PostgresFeed:
     async def _disconnect(self) -> None:
         """Close the connection politely (on ``aclose``); never raises."""
         conn, self._conn = self._conn, None
-        if conn is None or conn.is_closed():
-            return
-        try:
-            with anyio.fail_after(1.0):
-                await conn.close()
-        except Exception:  # any failure to say goodbye (server gone, timeout): drop the socket instead
-            conn.terminate()
+        if conn is not None and not conn.is_closed():
+            await self._outbox.disconnect(conn)
 
     def _drop_connection(self) -> None:
         """Drop a connection that failed: it may be in an unknown protocol state, so no goodbye."""

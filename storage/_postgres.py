@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -42,15 +41,16 @@ from ._model import Checkpoint, Graph, Node, Op
 from ._schema import Sql, migrate, quote_table
 from ._validate import (
     DEFAULT_MAX_DATA_BYTES,
+    MAX_PAGE,
     RowInfo,
+    check_count,
     check_cursor,
     check_data,
     check_expected,
     check_id,
     check_ids,
-    check_limit,
     check_ops,
-    check_positive_int,
+    check_seconds,
     plan_apply,
 )
 
@@ -90,6 +90,9 @@ async def _keep_session(conn: Any) -> None:
     not leave session state either (``SET LOCAL``, not ``SET``)."""
 
 
+_GOODBYE_TIMEOUT = 1.0
+"""Seconds a feed's connection gets to close politely before its socket is dropped."""
+
 _XID_SPAN = 2**32
 """More xids than can separate a poll's lower bound from any committed row: live xids span under 2**31."""
 
@@ -116,19 +119,6 @@ def _address(dsn: str) -> str:
         return f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
     except ValueError:  # several hosts ("h1:5432,h2:5433"): name them all
         return parts.netloc.rpartition("@")[2]
-
-
-def _check_seconds(value: object, name: str, *, allow_zero: bool = False) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        kind = "non-negative" if allow_zero else "positive"
-        raise InvalidOperation(f"{name} must be a {kind}, finite number of seconds, got {value!r}")
-    return float(value)
 
 
 @contextlib.contextmanager
@@ -205,12 +195,12 @@ class PostgresStore:
         """
         sql = Sql(schema)
         address = _address(dsn)
-        poll_interval = _check_seconds(poll_interval, "poll_interval")
-        min_poll_interval = _check_seconds(min_poll_interval, "min_poll_interval", allow_zero=True)
-        retention = _check_seconds(retention, "retention")
-        timeout = _check_seconds(command_timeout, "command_timeout")
-        check_positive_int(pool_size, name="pool_size")
-        check_positive_int(max_data_bytes, name="max_data_bytes")
+        poll_interval = check_seconds(poll_interval, name="poll_interval")
+        min_poll_interval = check_seconds(min_poll_interval, name="min_poll_interval", allow_zero=True)
+        retention = check_seconds(retention, name="retention")
+        timeout = check_seconds(command_timeout, name="command_timeout")
+        check_count(pool_size, name="pool_size")
+        check_count(max_data_bytes, name="max_data_bytes")
         with _seam(address):
             pool = await asyncpg.create_pool(
                 dsn,
@@ -431,7 +421,7 @@ class PostgresStore:
         most ``limit``: one index range scan. Page through every root by passing the last id as ``after``."""
         if after is not None:
             check_id(after, name="after")
-        check_limit(limit, name="limit")
+        check_count(limit, name="limit", maximum=MAX_PAGE)
         with self._seam():
             async with self._connection() as conn:
                 if after is None:
@@ -446,7 +436,7 @@ class PostgresStore:
         if self._closed:
             raise StoreUnavailable(f"PostgresStore for {self.address} is closed")
         feed = PostgresFeed(
-            self,
+            _FeedOutbox(self),
             cursor,
             listen=self._listen,
             poll_interval=self._poll_interval,
@@ -454,6 +444,9 @@ class PostgresStore:
         )
         self._feeds.add(feed)
         return feed
+
+    def _forget(self, feed: PostgresFeed) -> None:
+        self._feeds.discard(feed)
 
     async def prune_outbox(self) -> int:
         """Delete outbox rows older than the retention period; return how many went."""
@@ -486,12 +479,54 @@ class PostgresStore:
                     conn.terminate()
                 raise
 
-    # -- what PostgresFeed needs (all through the seam) ---------------------------------------------------
+    def _seam(self) -> contextlib.AbstractContextManager[None]:
+        if self._closed:
+            raise StoreUnavailable(f"PostgresStore for {self.address} is closed")
+        return _seam(self.address)
 
-    async def _poll(self, conn: Any, lower: int, extra: Sequence[int]) -> PollResult:
-        """Outbox rows with ``xid >= lower`` or ``xid`` in ``extra``, with the snapshot they were read in."""
-        with self._seam():
-            rows = await conn.fetch(self._sql.poll, lower, list(extra), _poll_upper_bound(lower))
+
+class _FeedOutbox:
+    """The ``Outbox`` a ``PostgresStore`` hands each of its feeds: the feed's own connection (never pooled,
+    so polls never queue behind writers) and the outbox statements, all through the store's seam."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    @property
+    def retention(self) -> float:
+        return self._store._retention
+
+    async def connect(self, wake: Callable[..., None], *, listen: bool) -> Any:
+        store = self._store
+        with store._seam():
+            conn = await asyncpg.connect(
+                store._dsn,
+                timeout=store._timeout,
+                command_timeout=store._timeout,
+                server_settings={"application_name": store._sql.feed_name},
+            )
+            try:
+                conn.add_termination_listener(lambda *_: wake())
+                if listen:
+                    await conn.add_listener(store._sql.channel, wake)
+            except BaseException:
+                conn.terminate()
+                raise
+        return conn
+
+    async def disconnect(self, conn: Any) -> None:
+        try:
+            with anyio.fail_after(_GOODBYE_TIMEOUT):
+                await conn.close()
+        except Exception:  # any failure to say goodbye (server gone, timeout): drop the socket instead
+            conn.terminate()
+
+    async def poll(self, conn: Any, lower: int, extra: Sequence[int]) -> PollResult:
+        sql = self._store._sql
+        with self._store._seam():
+            rows = await conn.fetch(sql.poll, lower, list(extra), _poll_upper_bound(lower))
         first = rows[0]
         found = [
             (row["root_id"], row["version"], row["committed_at"])
@@ -500,40 +535,19 @@ class PostgresStore:
         ]
         return PollResult(first["xmin"], first["xmax"], list(first["xip"]), found)
 
-    async def _open_feed_connection(self, wake: Callable[..., None], *, listen: bool) -> Any:
-        """A feed's own connection (never pooled, so polls never queue behind writers), LISTENing if
-        ``listen``; ``wake`` is called on each NOTIFY and when the connection is lost."""
-        with self._seam():
-            conn = await asyncpg.connect(
-                self._dsn,
-                timeout=self._timeout,
-                command_timeout=self._timeout,
-                server_settings={"application_name": self._sql.feed_name},
-            )
-            try:
-                conn.add_termination_listener(lambda *_: wake())
-                if listen:
-                    await conn.add_listener(self._sql.channel, wake)
-            except BaseException:
-                conn.terminate()
-                raise
-        return conn
-
-    async def _set_listening(self, conn: Any, wake: Callable[..., None], *, on: bool) -> None:
-        """LISTEN (calling ``wake`` on each NOTIFY) or UNLISTEN on a feed's connection."""
-        with self._seam():
+    async def set_listening(self, conn: Any, wake: Callable[..., None], *, on: bool) -> None:
+        channel = self._store._sql.channel
+        with self._store._seam():
             if on:
-                await conn.add_listener(self._sql.channel, wake)
+                await conn.add_listener(channel, wake)
             else:
-                await conn.remove_listener(self._sql.channel, wake)
+                await conn.remove_listener(channel, wake)
 
-    def _forget(self, feed: PostgresFeed) -> None:
-        self._feeds.discard(feed)
+    async def prune(self) -> int:
+        return await self._store.prune_outbox()
 
-    def _seam(self) -> contextlib.AbstractContextManager[None]:
-        if self._closed:
-            raise StoreUnavailable(f"PostgresStore for {self.address} is closed")
-        return _seam(self.address)
+    def forget(self, feed: PostgresFeed) -> None:
+        self._store._forget(feed)
 
 
 async def install_change_tracking(

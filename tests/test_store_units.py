@@ -4,7 +4,7 @@ which driver errors are transient."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -22,7 +22,14 @@ from graphcache.storage import (
     Upsert,
 )
 from graphcache.storage._classify import breaks_connection, classify
-from graphcache.storage._feed import FeedStatistics, PollResult, PostgresFeed, _per_root_increasing
+from graphcache.storage._feed import (
+    FeedConnection,
+    FeedStatistics,
+    Outbox,
+    PollResult,
+    PostgresFeed,
+    _per_root_increasing,
+)
 from graphcache.storage._postgres import _seam
 from graphcache.storage._validate import RowInfo, check_ops, plan_apply
 
@@ -144,60 +151,74 @@ class FakeConnection:
         self.terminated = True
 
 
-class ScriptedStore:
-    """Stands in for PostgresStore behind a feed: hands out scripted polls, then closes the feed."""
+class ScriptedOutbox:
+    """An ``Outbox`` that hands out scripted polls, then closes the feed: a feed without a database."""
 
-    _retention = 3600.0
+    retention = 3600.0
 
     def __init__(self, polls: list[PollResult]) -> None:
         self.polls = polls
         self.asked: list[tuple[int, list[int]]] = []
         self.feed: PostgresFeed | None = None
+        self.disconnected: list[FeedConnection] = []
 
-    async def _open_feed_connection(self, wake: Any, *, listen: bool) -> Any:
+    async def connect(self, wake: Callable[..., None], *, listen: bool) -> FeedConnection:
         return FakeConnection()
 
-    async def _poll(self, conn: Any, lower: int, extra: Sequence[int]) -> PollResult:
+    async def disconnect(self, conn: FeedConnection) -> None:
+        self.disconnected.append(conn)
+
+    async def poll(self, conn: FeedConnection, lower: int, extra: Sequence[int]) -> PollResult:
         self.asked.append((lower, list(extra)))
         if len(self.asked) == len(self.polls) and self.feed is not None:
             await self.feed.aclose()
         return self.polls[len(self.asked) - 1]
 
-    async def prune_outbox(self) -> int:
+    async def set_listening(self, conn: FeedConnection, wake: Callable[..., None], *, on: bool) -> None:
+        pass
+
+    async def prune(self) -> int:
         return 0
 
-    def _forget(self, feed: PostgresFeed) -> None:
+    def forget(self, feed: PostgresFeed) -> None:
         pass
+
+
+def test_the_scripted_outbox_is_an_outbox() -> None:
+    """The feed needs nothing of a store beyond the Outbox protocol (mypy checks the fakes against it)."""
+    outbox: Outbox = ScriptedOutbox([])
+    assert outbox.retention == 3600.0
 
 
 async def test_feed_skips_superseded_versions_and_tracks_the_snapshot() -> None:
     """A root version lower than one already delivered is skipped; each poll asks from xmax and xip."""
-    store = ScriptedStore(
+    outbox = ScriptedOutbox(
         [
             PollResult(100, 105, [100, 103], [("a", 5, 0.0), ("b", 1, 0.0)]),
             PollResult(103, 110, [103], [("a", 4, 0.0), ("a", 6, 0.0)]),
             PollResult(110, 110, [], [("a", 6, 0.0), ("b", 2, 0.0)]),
         ]
     )
-    feed = PostgresFeed(store, 90, listen=False, poll_interval=0.01)  # type: ignore[arg-type]
-    store.feed = feed
+    feed = PostgresFeed(outbox, 90, listen=False, poll_interval=0.01)
+    outbox.feed = feed
     got = [(change.root_id, change.version, change.cursor) async for change in feed]
     assert got == [("a", 5, 90), ("b", 1, 90), ("a", 6, 100), ("b", 2, 103)]
-    assert store.asked == [(90, []), (105, [100, 103]), (110, [103])]
+    assert outbox.asked == [(90, []), (105, [100, 103]), (110, [103])]
     assert feed.statistics().superseded == 2
+    assert len(outbox.disconnected) == 1  # closing the feed closed its connection through the outbox
 
 
 async def test_feed_polls_start_at_least_min_poll_interval_apart() -> None:
     """A feed with rows on every poll still spaces its polls: n polls span at least n - 1 intervals."""
     polls = [PollResult(100 + i, 101 + i, [], [("a", i + 1, 0.0)]) for i in range(10)]
-    store = ScriptedStore(polls)
-    feed = PostgresFeed(store, 90, listen=False, poll_interval=1.0, min_poll_interval=0.02)  # type: ignore[arg-type]
-    store.feed = feed
+    outbox = ScriptedOutbox(polls)
+    feed = PostgresFeed(outbox, 90, listen=False, poll_interval=1.0, min_poll_interval=0.02)
+    outbox.feed = feed
     began = anyio.current_time()
     got = [change.version async for change in feed]
     elapsed = anyio.current_time() - began
     assert got == list(range(1, 11))
-    assert len(store.asked) == 10
+    assert len(outbox.asked) == 10
     assert elapsed >= 9 * 0.02  # unpaced, ten polls that each return a row follow each other at once
 
 
@@ -342,7 +363,7 @@ def test_only_errors_that_may_break_the_session_drop_the_pooled_connection(
     assert breaks_connection(error) is breaks
 
 
-class FailingStore(ScriptedStore):
+class FailingOutbox(ScriptedOutbox):
     """Its first ``failures`` polls fail the way a killed connection does: the connection's termination
     wakes the feed, then the poll raises StoreUnavailable. Later polls hand out the scripted results."""
 
@@ -353,17 +374,17 @@ class FailingStore(ScriptedStore):
         self.wake: Any = None
         self.connections: list[FakeConnection] = []
 
-    async def _open_feed_connection(self, wake: Any, *, listen: bool) -> Any:
+    async def connect(self, wake: Callable[..., None], *, listen: bool) -> FeedConnection:
         self.wake = wake
         self.connections.append(FakeConnection())
         return self.connections[-1]
 
-    async def _poll(self, conn: Any, lower: int, extra: Sequence[int]) -> PollResult:
+    async def poll(self, conn: FeedConnection, lower: int, extra: Sequence[int]) -> PollResult:
         self.attempts += 1
         if self.attempts <= self.failures:
             self.wake()  # the lost connection's termination listener fires first
             raise StoreUnavailable("terminating connection due to administrator command")
-        return await super()._poll(conn, lower, extra)
+        return await super().poll(conn, lower, extra)
 
 
 async def test_a_failing_feed_reports_it_backs_off_and_delivers_once_polls_succeed(
@@ -371,18 +392,18 @@ async def test_a_failing_feed_reports_it_backs_off_and_delivers_once_polls_succe
 ) -> None:
     """A poll failure sets statistics().failing and drops the connection; the next good poll clears it."""
     monkeypatch.setattr("graphcache.storage._feed._backoff", lambda base, attempt: 0.0)
-    store = FailingStore(2, [PollResult(100, 101, [], [("a", 1, 0.0)]), PollResult(101, 101, [], [])])
-    feed = PostgresFeed(store, 90, listen=False, poll_interval=0.01)  # type: ignore[arg-type]
-    store.feed = feed
+    outbox = FailingOutbox(2, [PollResult(100, 101, [], [("a", 1, 0.0)]), PollResult(101, 101, [], [])])
+    feed = PostgresFeed(outbox, 90, listen=False, poll_interval=0.01)
+    outbox.feed = feed
     assert feed.statistics().failing is False
     with anyio.fail_after(10):  # a hang guard
         first = await feed.__anext__()
         assert (first.root_id, first.version) == ("a", 1)
         statistics = feed.statistics()
         assert (statistics.failed, statistics.polls, statistics.failing) == (2, 1, False)
-        assert [conn.terminated for conn in store.connections] == [True, True, False]
+        assert [conn.terminated for conn in outbox.connections] == [True, True, False]
         assert [change async for change in feed] == []
-    assert store.attempts == 4
+    assert outbox.attempts == 4
 
 
 async def test_a_back_off_is_not_cut_short_by_the_lost_connections_wake_up(
@@ -390,8 +411,8 @@ async def test_a_back_off_is_not_cut_short_by_the_lost_connections_wake_up(
 ) -> None:
     """After a failed poll the feed waits out its back-off even though the dead connection woke it."""
     monkeypatch.setattr("graphcache.storage._feed._backoff", lambda base, attempt: 3600.0)
-    store = FailingStore(1, [PollResult(100, 101, [], [])])
-    feed = PostgresFeed(store, 90, listen=False, poll_interval=0.01)  # type: ignore[arg-type]
+    outbox = FailingOutbox(1, [PollResult(100, 101, [], [])])
+    feed = PostgresFeed(outbox, 90, listen=False, poll_interval=0.01)
     ended = anyio.Event()
 
     async def consume() -> None:
@@ -402,11 +423,11 @@ async def test_a_back_off_is_not_cut_short_by_the_lost_connections_wake_up(
         async with anyio.create_task_group() as group:
             group.start_soon(consume)
             await anyio.wait_all_tasks_blocked()
-            assert store.attempts == 1
+            assert outbox.attempts == 1
             assert feed.statistics().failing
             await feed.aclose()  # the only thing that cuts a back-off short
             await ended.wait()
-    assert store.attempts == 1
+    assert outbox.attempts == 1
 
 
 def test_feed_statistics_grow_with_defaulted_fields_at_the_end() -> None:
