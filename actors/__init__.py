@@ -1,6 +1,6 @@
 """graphcache.actors: mailbox actors, the consistent-hash ring, membership and the Node."""
 
-from ._actor import DEFAULT_MIN_REBUILD_INTERVAL, RootActor
+from ._actor import RootActor
 from ._batch import Rebuilder
 from ._errors import ActorDead, ActorError, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
 from ._keys import graph_key
@@ -12,7 +12,14 @@ from ._membership import (
     StaticMembership,
 )
 from ._messages import Changed, Message, Refresh, Stop
-from ._node import DEFAULT_SWEEP_INTERVAL, Consistency, Node
+from ._node import Node
+from ._options import (
+    DEFAULT_MIN_REBUILD_INTERVAL,
+    DEFAULT_SWEEP_INTERVAL,
+    ActorOptions,
+    Consistency,
+    NodeOptions,
+)
 from ._retry import RetryPolicy, is_transient
 from ._ring import DEFAULT_PROBES, EmptyRing, InvalidNodeId, InvalidRingConfig, Ring
 from ._stats import ActorStatistics, HistogramSnapshot, NodeStatistics
@@ -20,6 +27,7 @@ from ._stats import ActorStatistics, HistogramSnapshot, NodeStatistics
 __all__ = (  # noqa: RUF022  (plain sorted order, as tests/test_all_attributes.py checks)
     "ActorDead",
     "ActorError",
+    "ActorOptions",
     "ActorStatistics",
     "Changed",
     "Consistency",
@@ -37,6 +45,7 @@ __all__ = (  # noqa: RUF022  (plain sorted order, as tests/test_all_attributes.p
     "Message",
     "Node",
     "NodeNotRunning",
+    "NodeOptions",
     "NodeStatistics",
     "ReadTimeout",
     "Rebuilder",

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import anyio.abc
@@ -31,17 +31,14 @@ from ..storage import GraphStore
 from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument
 from ._messages import Changed, Message, Refresh, Stop
+from ._options import DEFAULT_MIN_REBUILD_INTERVAL, ActorOptions
 from ._retry import RetryPolicy, is_transient
 from ._stats import ActorStatistics, Counters
-from ._validate import check_positive, check_root_id, check_version
+from ._validate import check_root_id, check_version
 
 __all__ = ("DEFAULT_MIN_REBUILD_INTERVAL", "RootActor")
 
 logger = logging.getLogger(__name__)
-
-
-DEFAULT_MIN_REBUILD_INTERVAL = 0.1
-"""Seconds between the starts of two rebuilds of one root (see README.md, "Pacing", for the trade-off)."""
 
 
 class RootActor:
@@ -49,7 +46,8 @@ class RootActor:
 
     Run it with ``await task_group.start(actor.run)``; feed it with ``tell``. It passivates (returns from
     ``run``) after ``idle_timeout`` seconds without work, and stops on ``Stop()``; a stopped actor refuses
-    messages and wakes every ``until_built`` waiter with ``ActorDead``.
+    messages and wakes every ``until_built`` waiter with ``ActorDead``. The keyword options are those of
+    ``ActorOptions``; a Node builds its actors with ``RootActor.from_options`` from options it checked once.
     """
 
     def __init__(
@@ -67,21 +65,58 @@ class RootActor:
         min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL,
         rebuilder: Rebuilder | None = None,
     ) -> None:
-        self.root_id = check_root_id(root_id)
-        if isinstance(mailbox_size, bool) or not isinstance(mailbox_size, int) or mailbox_size < 1:
-            raise InvalidArgument(f"mailbox_size must be an int >= 1, got {mailbox_size!r}")
-        self._idle_timeout = check_positive(idle_timeout, name="idle_timeout")
-        self._retry = RetryPolicy(retry_initial, retry_max)
-        self._min_interval = check_positive(
-            min_rebuild_interval, name="min_rebuild_interval", allow_zero=True
+        options = ActorOptions.create(
+            mailbox_size=mailbox_size,
+            idle_timeout=idle_timeout,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+            min_rebuild_interval=min_rebuild_interval,
         )
+        self._setup(
+            root_id, options, store=store, cache=cache, counters=counters, built=built, rebuilder=rebuilder
+        )
+
+    @classmethod
+    def from_options(
+        cls,
+        root_id: str,
+        options: ActorOptions,
+        *,
+        store: GraphStore,
+        cache: VersionedCache,
+        counters: Counters | None = None,
+        built: int = 0,
+        rebuilder: Rebuilder | None = None,
+    ) -> Self:
+        """An actor configured by ``options`` as they are (already checked: ``ActorOptions.create``)."""
+        actor = cls.__new__(cls)  # __init__ would check the options again, one by one
+        actor._setup(
+            root_id, options, store=store, cache=cache, counters=counters, built=built, rebuilder=rebuilder
+        )
+        return actor
+
+    def _setup(
+        self,
+        root_id: str,
+        options: ActorOptions,
+        *,
+        store: GraphStore,
+        cache: VersionedCache,
+        counters: Counters | None,
+        built: int,
+        rebuilder: Rebuilder | None,
+    ) -> None:
+        self.root_id = check_root_id(root_id)
+        self._idle_timeout = options.idle_timeout
+        self._retry = RetryPolicy(options.retry_initial, options.retry_max)
+        self._min_interval = options.min_rebuild_interval
         self._last_start: float | None = None  # anyio clock at the start of the latest rebuild
         self._stopping = anyio.Event()  # cuts a pacing pause short
         # A node shares one rebuilder among its actors, so rebuilds that start together are batched.
         self._rebuilder = rebuilder if rebuilder is not None else Rebuilder(store, cache)
         self._counters = counters if counters is not None else Counters()
         self._built = check_version(built, name="built")
-        self._send, self._receive = anyio.create_memory_object_stream[Message](mailbox_size)
+        self._send, self._receive = anyio.create_memory_object_stream[Message](options.mailbox_size)
         self._wanted = self._built
         self._pending = 0  # notifications not yet accounted as a rebuild or as coalesced
         self._pending_since: float | None = None  # commit time of the oldest uncached notification

@@ -30,11 +30,13 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import msgspec
 
 from ..cache import CacheUnavailable, VersionedCache
 from ..storage import Graph, GraphStore, RootNotFound
 from ._keys import graph_key
-from ._validate import check_count
+from ._options import Count, Seconds, convert_options
+from ._stats import Counters
 
 __all__ = ("DEFAULT_MAX_BATCH", "DEFAULT_MAX_FLUSHES", "Rebuilder")
 
@@ -53,6 +55,13 @@ _RELOADS = 3
 LoadMany = Callable[[Sequence[str]], Awaitable[dict[str, Graph]]]
 
 
+class _Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    max_batch: Count
+    max_flushes: Count
+    remember_leases: Count
+    ttl: Seconds | None
+
+
 class _Batch:
     __slots__ = ("done", "error", "errors", "results", "root_ids")
 
@@ -68,7 +77,8 @@ class Rebuilder:
     """``await rebuild(root_id)`` loads the root's graph and puts it if newer: ``(graph, stored)``.
 
     Concurrent calls share batches (see the module docstring); each call gets its own root's result or
-    error (``RootNotFound``, a value the cache refuses), or the error that failed its whole batch.
+    error (``RootNotFound``, a value the cache refuses), or the error that failed its whole batch. Every
+    put carries ``ttl`` (seconds; None: no expiry). A Node shares its ``counters`` with its rebuilder.
     """
 
     def __init__(
@@ -79,17 +89,43 @@ class Rebuilder:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_flushes: int = DEFAULT_MAX_FLUSHES,
         remember_leases: int = DEFAULT_REMEMBER_LEASES,
+        ttl: float | None = None,
+        counters: Counters | None = None,
     ) -> None:
+        options = convert_options(
+            {
+                "max_batch": max_batch,
+                "max_flushes": max_flushes,
+                "remember_leases": remember_leases,
+                "ttl": ttl,
+            },
+            _Options,
+        )
         self._store = store
         self._cache = cache
+        self._ttl = options.ttl  # every put carries it (a Node's graph_ttl)
+        self._counters = counters if counters is not None else Counters()
         self._leases: dict[str, int] = {}
-        self._remember_leases = check_count(remember_leases, name="remember_leases")
-        self.recreated = 0  # keys found recreated (lost by the cache) under a lease
+        self._remember_leases = options.remember_leases
         self._load_many: LoadMany | None = getattr(store, "load_many", None)
-        self._max_batch = check_count(max_batch, name="max_batch")
-        self._slots = anyio.Semaphore(check_count(max_flushes, name="max_flushes"))
+        self._max_batch = options.max_batch
+        self._slots = anyio.Semaphore(options.max_flushes)
         self._open: _Batch | None = None
-        self.batches = 0  # flushes so far: one load and one put each
+
+    @property
+    def batches(self) -> int:
+        """Flushes so far: one load and one put each."""
+        return self._counters.rebuild_batches
+
+    @property
+    def recreated(self) -> int:
+        """Keys found recreated (lost by the cache) under a lease."""
+        return self._counters.keys_recreated
+
+    @property
+    def ttl(self) -> float | None:
+        """Seconds each graph this rebuilder puts lives in the cache (None: no expiry)."""
+        return self._ttl
 
     async def rebuild(self, root_id: str) -> tuple[Graph, bool]:
         while True:
@@ -164,13 +200,13 @@ class Rebuilder:
             self._keep_lease(root_id, lease)
             if lease != used[root_id]:
                 recreated.append(root_id)
-        self.recreated += len(recreated)
+        self._counters.keys_recreated += len(recreated)
         return recreated
 
     # -- one flush ---------------------------------------------------------------------------------------
 
     async def _flush(self, batch: _Batch) -> None:
-        self.batches += 1
+        self._counters.rebuild_batches += 1
         pending: list[str] = list(batch.root_ids)
         try:
             for _ in range(_RELOADS):
@@ -228,14 +264,14 @@ class Rebuilder:
         if not items:
             return []
         try:
-            return await self._cache.put_many_if_newer(items)
+            return await self._cache.put_many_if_newer(items, ttl=self._ttl)
         except ValueError:  # one graph the cache refuses (too large, say): nothing was written
             if len(items) == 1:
                 raise
         stored = []
         for key, graph, version, lease in items:  # one by one, so only the refused graph's actor sees it
             try:
-                stored.append(await self._cache.put_if_newer(key, graph, version, lease=lease))
+                stored.append(await self._cache.put_if_newer(key, graph, version, ttl=self._ttl, lease=lease))
             except ValueError as exc:
                 batch.errors[graph.root_id] = exc
                 stored.append(False)

@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import anyio
 import anyio.abc
@@ -53,26 +53,22 @@ from tenacity import AsyncRetrying, RetryCallState
 
 from ..cache import CacheError, VersionedCache
 from ..storage import Change, Graph, GraphStore, Op
-from ._actor import DEFAULT_MIN_REBUILD_INTERVAL, RootActor
+from ._actor import RootActor
 from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
 from ._keys import graph_key
 from ._membership import Membership, StaticMembership
 from ._messages import Changed, Message, Refresh, Stop
+from ._options import DEFAULT_MIN_REBUILD_INTERVAL, DEFAULT_SWEEP_INTERVAL, Consistency, NodeOptions
 from ._retry import RetryPolicy, is_transient
-from ._ring import Ring, validate_node_id
+from ._ring import Ring
 from ._stats import Counters, NodeStatistics
-from ._validate import check_count, check_positive, check_root_id, check_version
+from ._validate import check_root_id, check_seconds, check_version
 
-__all__ = ("Consistency", "Node")
+__all__ = ("DEFAULT_SWEEP_INTERVAL", "Consistency", "Node")
 
 logger = logging.getLogger(__name__)
 
-Consistency = Literal["bounded", "strict"]
-_CONSISTENCIES = ("bounded", "strict")
-
-DEFAULT_SWEEP_INTERVAL = 60.0
-"""Seconds between two reconcile sweeps (one also runs at start-up)."""
 _SWEEP_PAGE = 1000
 """Roots per page of a sweep: one store query and one pipelined cache read each."""
 _FINAL_SAVE_TIMEOUT = 2.0
@@ -114,7 +110,11 @@ class Node:
     plus a heartbeat) and ``checkpoint_interval`` drive the hand-over described in the module docstring;
     ``feed_after`` starts the feed after that cursor instead of "now". Leaving ``async with`` gives
     in-flight rebuilds up to ``shutdown_timeout`` seconds. ``sweep_interval`` and
-    ``checkpoint_save_interval`` pace the durable progress described in the module docstring.
+    ``checkpoint_save_interval`` pace the durable progress described in the module docstring. Every graph
+    the node caches (rebuilds and read-throughs) expires after ``graph_ttl`` seconds (None: never).
+
+    The options are checked once, together (``NodeOptions``); a bad one is ``InvalidArgument`` naming it.
+    ``Node.from_options`` builds a node from options checked beforehand.
     """
 
     def __init__(
@@ -137,33 +137,55 @@ class Node:
         min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL,
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
         checkpoint_save_interval: float = 1.0,
+        graph_ttl: float | None = None,
     ) -> None:
-        self.node_id = validate_node_id(node_id)
-        if consistency not in _CONSISTENCIES:
-            raise InvalidArgument(f"consistency must be one of {_CONSISTENCIES}, got {consistency!r}")
+        options = NodeOptions.create(
+            node_id=node_id,
+            consistency=consistency,
+            idle_timeout=idle_timeout,
+            mailbox_size=mailbox_size,
+            handoff=handoff,
+            feed_after=feed_after,
+            remember_roots=remember_roots,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+            shutdown_timeout=shutdown_timeout,
+            checkpoint_interval=checkpoint_interval,
+            min_rebuild_interval=min_rebuild_interval,
+            sweep_interval=sweep_interval,
+            checkpoint_save_interval=checkpoint_save_interval,
+            graph_ttl=graph_ttl,
+        )
+        self._setup(options, store, cache, membership)
+
+    @classmethod
+    def from_options(
+        cls,
+        options: NodeOptions,
+        *,
+        store: GraphStore,
+        cache: VersionedCache,
+        membership: Membership | None = None,
+    ) -> Self:
+        """A node configured by ``options`` as they are (already checked: ``NodeOptions.create``)."""
+        node = cls.__new__(cls)  # __init__ would take the options apart and check them again
+        node._setup(options, store, cache, membership)
+        return node
+
+    def _setup(
+        self, options: NodeOptions, store: GraphStore, cache: VersionedCache, membership: Membership | None
+    ) -> None:
+        self._options = options
+        self.node_id = options.node_id
         self._store = store
         self._cache = cache
-        self._membership: Membership = membership if membership is not None else StaticMembership([node_id])
-        self._strict = consistency == "strict"
-        self._actor_options: dict[str, Any] = {
-            "mailbox_size": check_count(mailbox_size, name="mailbox_size"),
-            "idle_timeout": check_positive(idle_timeout, name="idle_timeout"),
-            "retry_initial": check_positive(retry_initial, name="retry_initial"),
-            "retry_max": check_positive(retry_max, name="retry_max"),
-            "min_rebuild_interval": check_positive(
-                min_rebuild_interval, name="min_rebuild_interval", allow_zero=True
-            ),
-        }
-        self._handoff = check_positive(handoff, name="handoff", allow_zero=True)
-        self._feed_after = None if feed_after is None else check_version(feed_after, name="feed_after")
-        self._remember_limit = check_count(remember_roots, name="remember_roots", low=0)
-        self._shutdown_timeout = check_positive(shutdown_timeout, name="shutdown_timeout")
-        self._checkpoint_interval = check_positive(checkpoint_interval, name="checkpoint_interval")
-        self._sweep_interval = check_positive(sweep_interval, name="sweep_interval")
-        self._save_interval = check_positive(checkpoint_save_interval, name="checkpoint_save_interval")
-        self._retry = RetryPolicy(retry_initial, retry_max)
+        self._membership: Membership = (
+            membership if membership is not None else StaticMembership([self.node_id])
+        )
+        self._strict = options.consistency == "strict"
+        self._retry = RetryPolicy(options.actor.retry_initial, options.actor.retry_max)
         self._counters = Counters()
-        self._rebuilder = Rebuilder(store, cache)
+        self._rebuilder = Rebuilder(store, cache, ttl=options.graph_ttl, counters=self._counters)
         self._actors: dict[str, RootActor] = {}
         self._remembered: dict[str, int] = {}  # built version of passivated roots (oldest first)
         self._flights: dict[str, _Flight] = {}
@@ -182,19 +204,32 @@ class Node:
         self._work: anyio.abc.TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._running = False
-        self._ignored = 0
-        self._reads = 0
-        self._read_hits = 0
-        self._read_loads = 0
-        self._rewinds = 0
-        self._poisoned = 0
         self._feed: AsyncIterator[Change] | None = None
         self._feed_started = False
         self._feed_failure: str | None = None  # the feed's last error, until it delivers again
         self._routed_cursor: int | None = None  # cursor of the last change routed
         self._saved_cursor: int | None = None  # the durable checkpoint's cursor
         self._resumed_from: int | None = None
-        self._sweep = _Sweep()
+
+    @property
+    def options(self) -> NodeOptions:
+        """The node's options, as checked when it was built."""
+        return self._options
+
+    @property
+    def store(self) -> GraphStore:
+        """The source of truth this node reads and writes."""
+        return self._store
+
+    @property
+    def cache(self) -> VersionedCache:
+        """The cache this node keeps graphs in (under ``graph_key(root_id)``)."""
+        return self._cache
+
+    @property
+    def membership(self) -> Membership:
+        """Where this node's view of the cluster comes from."""
+        return self._membership
 
     # -- life cycle ----------------------------------------------------------------------------------
 
@@ -240,7 +275,7 @@ class Node:
             scope.cancel()
         for actor in list(self._actors.values()):
             _tell_quietly(actor, Stop())
-        with anyio.move_on_after(self._shutdown_timeout, shield=True):
+        with anyio.move_on_after(self._options.shutdown_timeout, shield=True):
             while self._actors:
                 await self._actors_gone.wait()
         if self._actors:
@@ -289,9 +324,9 @@ class Node:
         """
         root_id = check_root_id(root_id)
         floor = 0 if min_version is None else check_version(min_version, name="min_version")
-        seconds = check_positive(timeout, name="timeout")
+        seconds = check_seconds(timeout, name="timeout")
         self._task_group()
-        self._reads += 1
+        self._counters.reads += 1
         with anyio.move_on_after(seconds):
             return await self._get(root_id, floor)
         raise ReadTimeout(f"read of {root_id!r} did not finish within {seconds}s") from None
@@ -318,34 +353,34 @@ class Node:
 
     def statistics(self) -> NodeStatistics:
         actors = [a.statistics() for a in self._actors.values() if a.alive]
-        counters = self._counters
+        c = self._counters
         return NodeStatistics(
             node_id=self.node_id,
             members=len(self._members),
             actors_alive=len(actors),
             actors_failing=sum(1 for a in actors if a.failing),
             mailbox_depth=sum(a.mailbox_depth for a in actors),
-            notifications=counters.notifications,
-            ignored=self._ignored,
-            coalesced=counters.coalesced,
-            rebuilds=counters.rebuilds,
-            rebuild_batches=self._rebuilder.batches,
-            puts_stored=counters.puts_stored,
-            puts_refused=counters.puts_refused,
-            failures=counters.failures,
-            reads=self._reads,
-            read_hits=self._read_hits,
-            read_loads=self._read_loads,
-            rewinds=self._rewinds,
-            lag=counters.lag.snapshot(),
-            rebuild_seconds=counters.rebuild_seconds.snapshot(),
-            poisoned=self._poisoned + _cache_poisoned(self._cache),
-            keys_recreated=self._rebuilder.recreated,
-            sweeps=self._sweep.runs,
-            sweep_failures=self._sweep.failures,
-            roots_owned=self._sweep.owned,
-            roots_behind=self._sweep.behind,
-            roots_uncached=self._sweep.uncached,
+            notifications=c.notifications,
+            ignored=c.ignored,
+            coalesced=c.coalesced,
+            rebuilds=c.rebuilds,
+            rebuild_batches=c.rebuild_batches,
+            puts_stored=c.puts_stored,
+            puts_refused=c.puts_refused,
+            failures=c.failures,
+            reads=c.reads,
+            read_hits=c.read_hits,
+            read_loads=c.read_loads,
+            rewinds=c.rewinds,
+            lag=c.lag.snapshot(),
+            rebuild_seconds=c.rebuild_seconds.snapshot(),
+            poisoned=c.poisoned + _cache_poisoned(self._cache),
+            keys_recreated=c.keys_recreated,
+            sweeps=c.sweeps,
+            sweep_failures=c.sweep_failures,
+            roots_owned=c.roots_owned,
+            roots_behind=c.roots_behind,
+            roots_uncached=c.roots_uncached,
             feed_failing=self._feed_failure is not None or _feed_failing(self._feed),
             checkpoint=self._saved_cursor,
             resumed_from=self._resumed_from,
@@ -366,8 +401,8 @@ class Node:
         membership = getattr(self._membership, "statistics", None)
         if membership is not None and not membership().connected:
             found.append("membership: heartbeats do not reach Redis")
-        if self._sweep.failing is not None:
-            found.append(f"reconcile sweep: failing ({self._sweep.failing})")
+        if self._counters.sweep_failing is not None:
+            found.append(f"reconcile sweep: failing ({self._counters.sweep_failing})")
         return found
 
     def __repr__(self) -> str:
@@ -389,7 +424,7 @@ class Node:
         ticket = self._flight_seq
         cached = await self._cached(root_id, floor)
         if cached is not None:
-            self._read_hits += 1
+            self._counters.read_hits += 1
             return cached
         graph = await self._join(root_id, after=ticket)
         if graph.version < floor:
@@ -419,7 +454,7 @@ class Node:
 
     async def _discard_poisoned(self, root_id: str, version: int | None, why: str) -> None:
         """A malformed cached graph is never served: count it and drop it, so the next put replaces it."""
-        self._poisoned += 1
+        self._counters.poisoned += 1
         logger.warning(
             "node %s: the cached graph of %r is malformed (%s): removed", self.node_id, root_id, why
         )
@@ -467,11 +502,13 @@ class Node:
             logger.warning("cache unavailable for %r, serving the store's graph: %r", root_id, exc)
             lease = None
         graph = await self._store.load(root_id)
-        self._read_loads += 1
+        self._counters.read_loads += 1
         if lease is None:
             return graph
         try:
-            if await self._cache.put_if_newer(key, graph, graph.version, lease=lease):
+            if await self._cache.put_if_newer(
+                key, graph, graph.version, ttl=self._options.graph_ttl, lease=lease
+            ):
                 return graph
             if await self._rebuilder.recreated_since(root_id, lease):
                 return graph  # the key was lost since the lease: this graph is still the reader's answer
@@ -509,14 +546,14 @@ class Node:
         built = self._remembered.pop(root_id, 0)
         if previous is not None:
             built = max(built, previous.built)
-        actor = RootActor(
+        actor = RootActor.from_options(
             root_id,
+            self._options.actor,
             store=self._store,
             cache=self._cache,
             counters=self._counters,
             built=built,
             rebuilder=self._rebuilder,
-            **self._actor_options,
         )
         self._actors[root_id] = actor
         self._task_group().start_soon(self._run_actor, actor, name=f"actor {root_id!r}")
@@ -535,10 +572,11 @@ class Node:
                 self._actors_gone = anyio.Event()
 
     def _remember(self, root_id: str, built: int) -> None:
-        if self._remember_limit == 0 or built == 0:
+        limit = self._options.remember_roots
+        if limit == 0 or built == 0:
             return
         self._remembered[root_id] = built
-        while len(self._remembered) > self._remember_limit:
+        while len(self._remembered) > limit:
             del self._remembered[next(iter(self._remembered))]
 
     # -- membership ----------------------------------------------------------------------------------
@@ -562,7 +600,7 @@ class Node:
         lost = self._members - view
         if self._members:
             self._previous_ring, self._owned_before = self._ring, self._owned
-            self._previous_until = time.monotonic() + self._handoff
+            self._previous_until = time.monotonic() + self._options.handoff
         self._members = view
         self._ring, self._owned = Ring(view), {}
         logger.info("node %s: view %s (gone: %s)", self.node_id, sorted(view), sorted(lost))
@@ -570,7 +608,7 @@ class Node:
             self._request_rewind()
 
     def _request_rewind(self) -> None:
-        cutoff = time.monotonic() - self._handoff
+        cutoff = time.monotonic() - self._options.handoff
         cursor = self._checkpoints[0][1] if self._checkpoints else self._start_cursor()
         for at, checkpoint in self._checkpoints:
             if at > cutoff:
@@ -589,7 +627,8 @@ class Node:
         return await self._store.cursor()
 
     def _start_cursor(self) -> int:
-        return self._feed_after if self._feed_after is not None else 0
+        feed_after = self._options.feed_after
+        return feed_after if feed_after is not None else 0
 
     # -- the change feed -----------------------------------------------------------------------------
 
@@ -608,7 +647,7 @@ class Node:
                 # meanwhile (even while pinning the first cursor) is either seen here or cancels the pass.
                 if self._rewind_to is not None:
                     cursor, self._rewind_to = self._rewind_to, None
-                    self._rewinds += 1
+                    self._counters.rewinds += 1
                     logger.info("node %s: re-reading the change feed after cursor %d", self.node_id, cursor)
                 feed = self._open_feed(cursor)
                 if not started:  # the feed has fixed its starting point: changes from now on are seen
@@ -626,8 +665,8 @@ class Node:
         "Now" is pinned before following the feed, so no change committed after ``__aenter__`` is missed
         whenever the feed's first poll happens, and the first in-memory checkpoint is a real cursor.
         """
-        if self._feed_after is not None:
-            return self._feed_after
+        if self._options.feed_after is not None:
+            return self._options.feed_after
         now = await self._store.cursor()
         saved = await self._store.load_checkpoint(self.node_id)
         if saved is None:
@@ -675,21 +714,22 @@ class Node:
             root_id = check_root_id(change.root_id)
             check_version(change.version)
         except InvalidArgument as exc:  # e.g. a custom schema's trigger wrote an unusable root id
-            self._ignored += 1
+            self._counters.ignored += 1
             logger.error("node %s: ignoring a malformed change %r: %s", self.node_id, change, exc)
             return
         if not self.owns(root_id):
-            self._ignored += 1
+            self._counters.ignored += 1
             return
         await self._notify(root_id, Changed(root_id, change.version, change.committed_at))
 
     def _checkpoint(self, cursor: int) -> None:
         """Remember that every change from now on comes after ``cursor``; keep ``handoff`` seconds' worth."""
         now = time.monotonic()
-        if self._checkpoints and now - self._checkpoints[-1][0] < self._checkpoint_interval:
+        interval = self._options.checkpoint_interval
+        if self._checkpoints and now - self._checkpoints[-1][0] < interval:
             return
         self._checkpoints.append((now, cursor))
-        horizon = now - self._handoff - 2 * self._checkpoint_interval
+        horizon = now - self._options.handoff - 2 * interval
         while len(self._checkpoints) > 1 and self._checkpoints[1][0] <= horizon:
             self._checkpoints.popleft()
 
@@ -715,7 +755,7 @@ class Node:
             self._background.append(scope)
             task_status.started()
             while True:
-                await anyio.sleep(self._save_interval)
+                await anyio.sleep(self._options.checkpoint_save_interval)
                 await self._save_checkpoint()
 
     async def _save_checkpoint(self) -> None:
@@ -738,7 +778,7 @@ class Node:
             task_status.started()
             while True:
                 await self._retry.persist(f"node {self.node_id}: reconcile sweep", self._sweep_once, logger)
-                await anyio.sleep(self._sweep_interval)
+                await anyio.sleep(self._options.sweep_interval)
 
     async def _sweep_once(self) -> None:
         started = time.monotonic()
@@ -764,10 +804,9 @@ class Node:
                 if len(page) < _SWEEP_PAGE:
                     break
         except Exception as exc:  # recorded for problems(), then retried by the caller
-            self._sweep.failures += 1
-            self._sweep.failing = repr(exc)
+            self._counters.sweep_failed(exc)
             raise
-        self._sweep.finish(owned, behind, uncached, time.monotonic() - started)
+        self._counters.sweep_finished(owned, behind, uncached, time.monotonic() - started)
         if behind:
             logger.info("node %s: reconcile sweep found %d of %d roots behind", self.node_id, behind, owned)
 
@@ -788,22 +827,6 @@ class Node:
 
 
 _OWNED_CACHE_LIMIT = 100_000
-
-
-class _Sweep:
-    """The reconcile sweep's latest result and its counters."""
-
-    __slots__ = ("behind", "failing", "failures", "owned", "runs", "seconds", "uncached")
-
-    def __init__(self) -> None:
-        self.runs = self.failures = self.owned = self.behind = self.uncached = 0
-        self.seconds = 0.0
-        self.failing: str | None = None
-
-    def finish(self, owned: int, behind: int, uncached: int, seconds: float) -> None:
-        self.runs += 1
-        self.owned, self.behind, self.uncached, self.seconds = owned, behind, uncached, seconds
-        self.failing = None
 
 
 def _feed_failing(feed: object) -> bool:

@@ -19,7 +19,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 
 from ..cache import CacheUnavailable
 from ..storage import StoreUnavailable
-from ._validate import check_positive
+from ._validate import check_seconds
 
 __all__ = ("TRANSIENT_ERRORS", "RetryPolicy", "is_transient")
 
@@ -52,8 +52,8 @@ class RetryPolicy:
     maximum: float = 5.0
 
     def __post_init__(self) -> None:
-        check_positive(self.initial, name="retry_initial")
-        check_positive(self.maximum, name="retry_max")
+        check_seconds(self.initial, name="retry_initial")
+        check_seconds(self.maximum, name="retry_max")
 
     def retrying(
         self,

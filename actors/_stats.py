@@ -57,20 +57,37 @@ class Histogram:
 
 
 class Counters:
-    """What every actor of one node adds to; the node reads it for ``statistics()``."""
+    """Every counter of one node, in one place: its actors, its rebuilder, its reads, its feed and its
+    reconcile sweep add to it, and ``Node.statistics()`` reads it (with the live state beside it)."""
 
     __slots__ = (
         "coalesced",
         "failures",
+        "ignored",
+        "keys_recreated",
         "lag",
         "notifications",
+        "poisoned",
         "puts_refused",
         "puts_stored",
+        "read_hits",
+        "read_loads",
+        "reads",
+        "rebuild_batches",
         "rebuild_seconds",
         "rebuilds",
+        "rewinds",
+        "roots_behind",
+        "roots_owned",
+        "roots_uncached",
+        "sweep_failing",
+        "sweep_failures",
+        "sweep_seconds",
+        "sweeps",
     )
 
     def __init__(self) -> None:
+        # The actors'
         self.notifications = 0
         self.coalesced = 0
         self.rebuilds = 0
@@ -79,6 +96,34 @@ class Counters:
         self.failures = 0
         self.lag = Histogram()
         self.rebuild_seconds = Histogram()
+        # The rebuilder's
+        self.rebuild_batches = 0
+        self.keys_recreated = 0
+        # The node's: reads, the feed
+        self.reads = 0
+        self.read_hits = 0
+        self.read_loads = 0
+        self.poisoned = 0
+        self.ignored = 0
+        self.rewinds = 0
+        # The reconcile sweep's: runs, and the latest one's figures
+        self.sweeps = 0
+        self.sweep_failures = 0
+        self.sweep_failing: str | None = None  # the latest sweep's error, until one succeeds
+        self.roots_owned = 0
+        self.roots_behind = 0
+        self.roots_uncached = 0
+        self.sweep_seconds = 0.0
+
+    def sweep_finished(self, owned: int, behind: int, uncached: int, seconds: float) -> None:
+        self.sweeps += 1
+        self.roots_owned, self.roots_behind, self.roots_uncached = owned, behind, uncached
+        self.sweep_seconds = seconds
+        self.sweep_failing = None
+
+    def sweep_failed(self, exc: BaseException) -> None:
+        self.sweep_failures += 1
+        self.sweep_failing = repr(exc)
 
 
 class ActorStatistics(NamedTuple):

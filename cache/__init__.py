@@ -16,6 +16,7 @@ from ._errors import (
 from ._memory import MemoryCache, MemoryCacheStatistics
 from ._redis import RedisCache, RedisCacheStatistics
 from ._types import CacheItem, LockHandle, VersionedCache
+from ._validate import check_key, check_seconds, check_version
 
 __all__ = (
     "CacheError",
@@ -36,4 +37,7 @@ __all__ = (
     "ValueTooLarge",
     "VersionMismatch",
     "VersionedCache",
+    "check_key",
+    "check_seconds",
+    "check_version",
 )

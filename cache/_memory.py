@@ -31,9 +31,9 @@ from ._validate import (
     check_lease,
     check_limit,
     check_seconds,
+    check_ttl,
     check_type,
     check_version,
-    check_wait,
     decode_value,
     encode_value,
 )
@@ -107,9 +107,7 @@ class MemoryCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._max_value_bytes = check_limit(max_value_bytes)
-        self._floor_ttl = (
-            check_seconds(floor_ttl, name="floor_ttl", allow_none=False) or DEFAULT_INVALIDATE_TTL
-        )
+        self._floor_ttl = check_seconds(floor_ttl, name="floor_ttl")
         self._clock = clock
         self._states: dict[str, _State] = {}
         self._locks: dict[str, _Lock] = {}
@@ -138,6 +136,21 @@ class MemoryCache:
         if entry is None or entry.version <= version:
             return None
         return CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
+
+    async def get_many(self, keys: Sequence[str], *, type: Any = None) -> list[CacheItem | None]:
+        """``get`` of each key, in order (None: absent or invalidated); all checked first."""
+        checked = check_keys(keys)
+        decoder = check_type(type)
+        await self._enter()
+        found: list[CacheItem | None] = []
+        for key in checked:
+            entry = self._item(key)
+            found.append(
+                None
+                if entry is None
+                else CacheItem(key, decode_value(key, entry.data, decoder), entry.version)
+            )
+        return found
 
     async def versions(self, keys: Sequence[str]) -> list[int | None]:
         """The stored version of each key (None: absent)."""
@@ -184,7 +197,7 @@ class MemoryCache:
         check_key(key)
         check_version(version)
         check_lease(lease)
-        expires = self._expiry(check_seconds(ttl, name="ttl"))
+        expires = self._expiry(check_ttl(ttl))
         data = encode_value(value, limit=self._max_value_bytes)
         await self._enter()
         return self._put_if_newer(key, data, version, expires, lease)
@@ -196,7 +209,7 @@ class MemoryCache:
         ttl: float | None = None,
     ) -> list[bool]:
         """``put_if_newer`` of each ``(key, value, version[, lease])`` in order; all checked first."""
-        expires = self._expiry(check_seconds(ttl, name="ttl"))
+        expires = self._expiry(check_ttl(ttl))
         encoded = [
             (key, encode_value(value, limit=self._max_value_bytes), version, lease)
             for key, value, version, lease in check_items(items)
@@ -220,7 +233,7 @@ class MemoryCache:
 
     async def add(self, key: str, value: Any, *, ttl: float | None = None) -> int:
         check_key(key)
-        expires = self._expiry(check_seconds(ttl, name="ttl"))
+        expires = self._expiry(check_ttl(ttl))
         data = encode_value(value, limit=self._max_value_bytes)
         await self._enter()
         if self._item(key) is not None:
@@ -241,7 +254,7 @@ class MemoryCache:
         check_key(key)
         if version is not None:
             check_version(version)
-        expires = self._expiry(check_seconds(ttl, name="ttl"))
+        expires = self._expiry(check_ttl(ttl))
         data = encode_value(value, limit=self._max_value_bytes)
         await self._enter()
         self._check_lock(key, lock)
@@ -271,7 +284,7 @@ class MemoryCache:
     async def invalidate(self, key: str, version: int, *, ttl: float = DEFAULT_INVALIDATE_TTL) -> None:
         check_key(key)
         check_version(version)
-        seconds = check_seconds(ttl, name="ttl", allow_none=False) or DEFAULT_INVALIDATE_TTL
+        seconds = check_seconds(ttl, name="ttl")
         await self._enter()
         entry = self._item(key)
         if entry is not None and entry.version > version:
@@ -285,8 +298,8 @@ class MemoryCache:
     ) -> tuple[CacheItem | None, LockHandle]:
         check_key(key)
         decoder = check_type(type)
-        timeout = check_seconds(lock_timeout, name="lock_timeout", allow_none=False) or 0.0
-        deadline = self._clock() + check_wait(wait)
+        timeout = check_seconds(lock_timeout, name="lock_timeout")
+        deadline = self._clock() + check_seconds(wait, name="wait", allow_zero=True)
         await self._enter()
         while (held := self._lock(key)) is not None:
             remaining = deadline - self._clock()
@@ -308,7 +321,7 @@ class MemoryCache:
         self, key: str, value: Any, lock: LockHandle, *, ttl: float | None = None
     ) -> int:
         check_key(key)
-        expires = self._expiry(check_seconds(ttl, name="ttl"))
+        expires = self._expiry(check_ttl(ttl))
         data = encode_value(value, limit=self._max_value_bytes)
         await self._enter()
         self._check_owner(key, lock)

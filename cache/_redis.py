@@ -54,9 +54,9 @@ from ._validate import (
     check_lease,
     check_limit,
     check_seconds,
+    check_ttl,
     check_type,
     check_version,
-    check_wait,
     decode_value,
     encode_value,
     parse_version,
@@ -143,7 +143,7 @@ class RedisCache:
         self._namespace = _check_namespace(namespace)
         self._prefix = f"{namespace}:{{".encode()
         self._max_value_bytes = check_limit(max_value_bytes)
-        self._floor_ms = _millis(check_seconds(floor_ttl, name="floor_ttl", allow_none=False))
+        self._floor_ms = _millis(check_seconds(floor_ttl, name="floor_ttl"))
         self._close_client = close_client
         self._address = address or _describe(client)
         self._closed = False
@@ -182,21 +182,26 @@ class RedisCache:
         # Check the cache's own arguments before a client (and its pool) exists.
         _check_namespace(namespace)
         check_limit(max_value_bytes)
-        check_seconds(floor_ttl, name="floor_ttl", allow_none=False)
+        check_seconds(floor_ttl, name="floor_ttl")
         options: dict[str, Any] = {
             "socket_connect_timeout": connect_timeout,
             "socket_timeout": socket_timeout,
             "max_connections": max_connections,
             "retry": Retry(NoBackoff(), 0),
         }
+        if not isinstance(url, str):
+            raise InvalidArgument(f"a Redis URL must be a str, not {type(url).__name__}")
         client: Redis | RedisCluster
-        if cluster:
-            client = RedisCluster.from_url(url, **options)
-        else:
-            pool = BlockingConnectionPool.from_url(
-                url, timeout=pool_timeout, health_check_interval=1, **options
-            )
-            client = Redis.from_pool(pool)
+        try:  # parses the URL; connects nothing yet
+            if cluster:
+                client = RedisCluster.from_url(url, **options)
+            else:
+                pool = BlockingConnectionPool.from_url(
+                    url, timeout=pool_timeout, health_check_interval=1, **options
+                )
+                client = Redis.from_pool(pool)
+        except ValueError as exc:  # redis-py's word for a URL it cannot use
+            raise InvalidArgument(f"not a usable Redis URL: {_redact(url)!r} ({exc})") from exc
         return cls(
             client,
             namespace=namespace,
@@ -212,8 +217,35 @@ class RedisCache:
     async def get(self, key: str, *, type: Any = None) -> CacheItem | None:
         names = self._names(key)
         decoder = check_type(type)
-        reply = await self._read(names.entry)
-        if reply is None:  # another Redis type under the entry's name
+        return await self._entry_item(key, names, await self._read(names.entry), decoder)
+
+    async def get_many(self, keys: Sequence[str], *, type: Any = None) -> list[CacheItem | None]:
+        """``get`` of each key, in order, in one pipelined round trip (a Cluster: one per master).
+
+        Every key is checked first. A malformed entry is a miss (counted and removed, as in ``get``); a
+        well-formed value that is not of ``type`` raises ``InvalidValue``, as in ``get``.
+        """
+        checked = check_keys(keys)
+        decoder = check_type(type)
+        names = [self._names(key) for key in checked]
+        if not names:
+            return []
+        replies = await self._pipeline([("HMGET", name.entry, b"v", b"d") for name in names])
+        found = []
+        for key, name, reply in zip(checked, names, replies, strict=True):
+            if isinstance(reply, Exception) and not _wrong_type(reply):
+                with self._mapped():  # e.g. a Cluster node that failed mid-pipeline: not a miss
+                    raise reply
+            entry = None if isinstance(reply, Exception) else reply  # None: another Redis type there
+            found.append(await self._entry_item(key, name, entry, decoder))
+        return found
+
+    async def _entry_item(
+        self, key: str, names: _Names, reply: list[Any] | None, decoder: Any
+    ) -> CacheItem | None:
+        """The item an entry's HMGET ``v``, ``d`` reply holds (None for a key of another type): a miss if
+        absent or malformed."""
+        if reply is None:
             return await self._poisoned_entry(key, names, b"")
         raw, data = reply
         if raw is None and data is None:
@@ -291,7 +323,7 @@ class RedisCache:
     ) -> bool:
         names = self._names(key)
         check_version(version)
-        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        ttl_ms = _millis(check_ttl(ttl))
         expected = _lease_arg(check_lease(lease))
         data = encode_value(value, limit=self._max_value_bytes)
         args = (version, data, ttl_ms, expected, _new_incarnation())
@@ -309,7 +341,7 @@ class RedisCache:
         Every item is checked and encoded before any I/O (a bad one raises and nothing is written);
         each put is atomic on its own, the batch is not a transaction.
         """
-        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        ttl_ms = _millis(check_ttl(ttl))
         calls = []
         for key, value, version, lease in check_items(items):
             entry = self._names(key).entry
@@ -320,7 +352,7 @@ class RedisCache:
 
     async def add(self, key: str, value: Any, *, ttl: float | None = None) -> int:
         names = self._names(key)
-        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        ttl_ms = _millis(check_ttl(ttl))
         data = encode_value(value, limit=self._max_value_bytes)
         reply = await self._run(lua.ADD, (names.entry,), (data, ttl_ms, _new_incarnation()))
         return self._version_reply(key, None, reply)
@@ -336,7 +368,7 @@ class RedisCache:
     ) -> int:
         names = self._names(key)
         expected = "" if version is None else check_version(version)
-        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        ttl_ms = _millis(check_ttl(ttl))
         data = encode_value(value, limit=self._max_value_bytes)
         keys = (names.entry, names.lock)
         args = (data, ttl_ms, expected, _owner(key, lock), _new_incarnation())
@@ -354,7 +386,7 @@ class RedisCache:
     async def invalidate(self, key: str, version: int, *, ttl: float = DEFAULT_INVALIDATE_TTL) -> None:
         names = self._names(key)
         check_version(version)
-        ttl_ms = _millis(check_seconds(ttl, name="ttl", allow_none=False))
+        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
         await self._run(lua.INVALIDATE, (names.entry,), (version, ttl_ms, _new_incarnation()))
 
     # -- pessimistic locks -------------------------------------------------------------------------
@@ -364,8 +396,8 @@ class RedisCache:
     ) -> tuple[CacheItem | None, LockHandle]:
         names = self._names(key)
         decoder = check_type(type)
-        timeout_ms = _millis(check_seconds(lock_timeout, name="lock_timeout", allow_none=False))
-        deadline = time.monotonic() + check_wait(wait)
+        timeout_ms = _millis(check_seconds(lock_timeout, name="lock_timeout"))
+        deadline = time.monotonic() + check_seconds(wait, name="wait", allow_zero=True)
         keys = (names.entry, names.lock, names.counter)
         token = secrets.token_hex(16)
         expires_at = time.time() + int(timeout_ms) / 1000
@@ -412,7 +444,7 @@ class RedisCache:
         self, key: str, value: Any, lock: LockHandle, *, ttl: float | None = None
     ) -> int:
         names = self._names(key)
-        ttl_ms = _millis(check_seconds(ttl, name="ttl"))
+        ttl_ms = _millis(check_ttl(ttl))
         data = encode_value(value, limit=self._max_value_bytes)
         keys = (names.entry, names.lock)
         args = (data, ttl_ms, _owner(key, lock), _new_incarnation())

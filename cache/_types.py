@@ -45,6 +45,10 @@ class VersionedCache(Protocol):
 
     async def get_if_newer(self, key: str, version: int, *, type: Any = None) -> CacheItem | None: ...
 
+    async def get_many(self, keys: Sequence[str], *, type: Any = None) -> list[CacheItem | None]:
+        """``get`` of each key, in order, in one round trip where it can."""
+        ...
+
     async def versions(self, keys: Sequence[str]) -> list[int | None]:
         """The stored version of each key (None: absent or malformed), in one round trip where it can."""
         ...

@@ -1,11 +1,15 @@
-"""Input checks shared by every backend: all run before any I/O."""
+"""Input checks shared by every backend: all run before any I/O.
+
+``check_key``, ``check_version`` and ``check_seconds`` are public (``graphcache.cache``): the actors
+package checks root ids, versions and timeouts by the cache's own contract, since they end up here.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
@@ -18,18 +22,18 @@ DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 _encoder = msgspec.msgpack.Encoder()
 
 
-def check_key(key: object) -> str:
-    """Return ``key`` if it is a non-empty str of at most 1024 UTF-8 bytes."""
+def check_key(key: object, *, name: str = "key", limit: int = MAX_KEY_BYTES) -> str:
+    """Return ``key`` if it is a non-empty str of at most ``limit`` (default 1024) UTF-8 bytes."""
     if not isinstance(key, str):
-        raise InvalidKey(f"key must be a str, not {type(key).__name__}")
+        raise InvalidKey(f"{name} must be a str, not {type(key).__name__}")
     if not key:
-        raise InvalidKey("key must not be empty")
+        raise InvalidKey(f"{name} must not be empty")
     try:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError as exc:  # lone surrogates
-        raise InvalidKey(f"key is not valid unicode: {exc}") from exc
-    if size > MAX_KEY_BYTES:
-        raise InvalidKey(f"key is {size} UTF-8 bytes, the limit is {MAX_KEY_BYTES}")
+        raise InvalidKey(f"{name} is not valid unicode: {exc}") from exc
+    if size > limit:
+        raise InvalidKey(f"{name} is {size} UTF-8 bytes, the limit is {limit}")
     return key
 
 
@@ -64,13 +68,11 @@ MAX_LEASE = 2**63 - 1
 
 def check_lease(lease: object, *, name: str = "lease") -> int | None:
     """``lease`` if it is None or an incarnation as ``lease()`` returns it (an int in 1..2**63-1)."""
-    if lease is None:
-        return None
-    if isinstance(lease, bool) or not isinstance(lease, int) or not 1 <= lease <= MAX_LEASE:
-        raise InvalidArgument(
-            f"{name} must be an incarnation from lease() (an int in 1..2**63-1), got {lease!r:.40}"
-        )
-    return lease
+    if lease is None or _is_int_in(lease, 1, MAX_LEASE):
+        return lease
+    raise InvalidArgument(
+        f"{name} must be an incarnation from lease() (an int in 1..2**63-1), got {lease!r:.40}"
+    )
 
 
 def check_keys(keys: object) -> list[str]:
@@ -90,31 +92,36 @@ def parse_version(raw: object) -> int | None:
     return version if version <= MAX_VERSION else None
 
 
-def check_seconds(value: object, *, name: str, allow_none: bool = True) -> float | None:
-    """Return a positive, finite number of seconds (or None where allowed)."""
-    if value is None and allow_none:
-        return None
+def check_seconds(value: object, *, name: str, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite number (not bool) > 0 (>= 0 with ``allow_zero``)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgument(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidArgument(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InvalidArgument(f"{name} must be a finite number of seconds {bound}, got {value!r}")
     return float(value)
 
 
-def check_wait(value: object) -> float:
-    """``wait`` may be zero (fail at once) or a positive number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(f"wait must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgument(f"wait must be >= 0 and finite, got {value!r}")
-    return float(value)
+def check_ttl(ttl: object) -> float | None:
+    """``ttl`` if it is None (no expiry) or a positive, finite number of seconds."""
+    return None if ttl is None else check_seconds(ttl, name="ttl")
 
 
 def check_limit(value: object) -> int:
     """``max_value_bytes`` must be a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int_in(value, 1, None):
         raise InvalidArgument(f"max_value_bytes must be a positive int, got {value!r}")
     return value
+
+
+def _is_int_in(value: object, low: int, high: int | None) -> TypeGuard[int]:
+    """Whether ``value`` is an int (bool is not) in ``low..high`` (no upper bound for None)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int)
+        and low <= value
+        and (high is None or value <= high)
+    )
 
 
 def encode_value(value: Any, *, limit: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import math
 import random
 import time
 from collections import deque
@@ -27,15 +26,16 @@ from ._errors import ConcurrencyConflict, InvalidOperation, RootExists, RootNotF
 from ._model import Change, Checkpoint, Graph, Node, Op
 from ._validate import (
     DEFAULT_MAX_DATA_BYTES,
+    MAX_PAGE,
     RowInfo,
+    check_count,
     check_cursor,
     check_data,
     check_expected,
     check_id,
     check_ids,
-    check_limit,
     check_ops,
-    check_positive_int,
+    check_seconds,
     plan_apply,
 )
 
@@ -81,8 +81,8 @@ class MemoryStore:
         feed_retention: int = 100_000,
     ) -> None:
         self._latency = _check_latency(latency)
-        check_positive_int(max_data_bytes, name="max_data_bytes")
-        check_positive_int(feed_retention, name="feed_retention")
+        check_count(max_data_bytes, name="max_data_bytes")
+        check_count(feed_retention, name="feed_retention")
         self._random = random.Random(seed)
         self._max_data_bytes = max_data_bytes
         self._roots: dict[str, _Root] = {}
@@ -201,7 +201,7 @@ class MemoryStore:
         """Committed ``(root_id, version)`` pairs with ``root_id > after``, by root id, at most ``limit``."""
         if after is not None:
             check_id(after, name="after")
-        check_limit(limit, name="limit")
+        check_count(limit, name="limit", maximum=MAX_PAGE)
         await self._io()
         self._check_open()
         if self._sorted_ids is None:
@@ -301,13 +301,11 @@ def _check_latency(latency: object) -> tuple[float, float] | None:
         return None
     if not isinstance(latency, tuple) or len(latency) != 2:
         raise InvalidOperation(f"latency must be a (min_s, max_s) tuple, not {latency!r}")
-    low, high = latency
-    for value in (low, high):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise InvalidOperation(f"latency bounds must be finite numbers of seconds, got {latency!r}")
-    if not 0 <= low <= high:
+    low = check_seconds(latency[0], name="latency's min_s", allow_zero=True)
+    high = check_seconds(latency[1], name="latency's max_s", allow_zero=True)
+    if low > high:
         raise InvalidOperation(f"latency must satisfy 0 <= min_s <= max_s, got {latency!r}")
-    return (float(low), float(high))
+    return (low, high)
 
 
 def _graph(root_id: str, snapshot: _Committed) -> Graph:

@@ -8,6 +8,8 @@ import msgspec
 
 __all__ = ("Change", "Checkpoint", "Delete", "Graph", "Node", "Op", "Snapshot", "Upsert")
 
+_json_encoder = msgspec.json.Encoder()
+
 
 class Node(msgspec.Struct, frozen=True):
     """One row of a graph. The root is the node whose ``id`` equals the graph's ``root_id``."""
@@ -24,6 +26,11 @@ class Graph(msgspec.Struct, frozen=True):
     root_id: str
     version: int
     nodes: dict[str, Node]
+
+    def to_json(self) -> bytes:
+        """The graph as JSON, ``{"root_id", "version", "nodes": {id: {"id", "parent_id", "data",
+        "row_version"}}}``: ready for a web framework's response body, no intermediate dicts."""
+        return _json_encoder.encode(self)
 
 
 Snapshot = Graph

@@ -26,14 +26,14 @@ __all__ = (
     "CheckedUpsert",
     "Plan",
     "RowInfo",
+    "check_count",
     "check_cursor",
     "check_data",
     "check_expected",
     "check_id",
     "check_ids",
-    "check_limit",
     "check_ops",
-    "check_positive_int",
+    "check_seconds",
     "plan_apply",
 )
 
@@ -101,11 +101,31 @@ def check_ids(value: object, *, name: str = "root_ids") -> list[str]:
     return list(dict.fromkeys(check_id(item, name=f"{name}[{index}]") for index, item in enumerate(value)))
 
 
-def check_positive_int(value: object, *, name: str) -> int:
-    """Return ``value`` if it is an int (not bool) >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidOperation(f"{name} must be an int >= 1, got {value!r}")
+def check_count(value: object, *, name: str, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an int (not bool) >= 1, and <= ``maximum`` if one is given."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 1
+        or (maximum is not None and value > maximum)
+    ):
+        bound = ">= 1" if maximum is None else f"in 1..{maximum}"
+        raise InvalidOperation(f"{name} must be an int {bound}, got {value!r}")
     return value
+
+
+def check_seconds(value: object, *, name: str, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite number (not bool) > 0 (>= 0 with ``allow_zero``)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
+        kind = "non-negative" if allow_zero else "positive"
+        raise InvalidOperation(f"{name} must be a {kind}, finite number of seconds, got {value!r}")
+    return float(value)
 
 
 def check_expected(value: object, *, name: str) -> int | None:
@@ -125,13 +145,6 @@ def check_cursor(value: object, *, name: str = "cursor") -> int:
     if checked is None:
         raise InvalidOperation(f"{name} must be an int, not None")
     return checked
-
-
-def check_limit(value: object, *, name: str = "limit", maximum: int = MAX_PAGE) -> int:
-    """Return ``value`` if it is an int (not bool) in 1..maximum."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise InvalidOperation(f"{name} must be an int in 1..{maximum}, got {value!r}")
-    return value
 
 
 def check_data(data: object, *, limit: int = DEFAULT_MAX_DATA_BYTES) -> bytes:

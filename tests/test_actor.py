@@ -8,7 +8,16 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from graphcache.actors import ActorDead, Changed, InvalidArgument, Refresh, RootActor, Stop, graph_key
+from graphcache.actors import (
+    ActorDead,
+    ActorOptions,
+    Changed,
+    InvalidArgument,
+    Refresh,
+    RootActor,
+    Stop,
+    graph_key,
+)
 from graphcache.cache import MemoryCache
 from graphcache.storage import Graph, MemoryStore, Upsert
 from tests._actor_fakes import FlakyStore, GatedStore
@@ -215,8 +224,8 @@ async def test_repr_and_statistics_show_live_state(store: MemoryStore, cache: Me
         ({"root_id": ""}, "root_id must not be empty"),
         ({"root_id": 7}, "root_id must be a str"),
         ({"mailbox_size": 0}, "mailbox_size must be an int >= 1"),
-        ({"idle_timeout": 0}, "idle_timeout must be finite and > 0"),
-        ({"min_rebuild_interval": -0.1}, "min_rebuild_interval must be finite and >= 0"),
+        ({"idle_timeout": 0}, "idle_timeout must be a finite number of seconds > 0, got 0"),
+        ({"min_rebuild_interval": -0.1}, "min_rebuild_interval must be a finite number of seconds >= 0"),
         ({"built": -1}, "built must be in 0..2**63-1"),
     ],
 )
@@ -225,6 +234,39 @@ def test_bad_constructor_arguments_are_refused(kwargs: dict[str, object], messag
     options: dict[str, object] = {"root_id": "r", "store": MemoryStore(), "cache": MemoryCache()} | kwargs
     with pytest.raises(InvalidArgument, match=re.escape(message)):
         RootActor(**options)  # type: ignore[arg-type]
+
+
+async def test_an_actor_built_from_checked_options_uses_them(store: MemoryStore, cache: MemoryCache) -> None:
+    """RootActor.from_options(ActorOptions.create(...)) works as RootActor(**the same keywords)."""
+    options = ActorOptions.create(mailbox_size=2, idle_timeout=60)
+    actor = RootActor.from_options("r", options, store=store, cache=cache, built=1)
+    keyworded = RootActor("r", store=store, cache=cache, mailbox_size=2, idle_timeout=60, built=1)
+    shown = "<RootActor 'r' [alive | built: 1, wanted: 1 | mailbox: 0/2 | rebuilds: 0, coalesced: 0]>"
+    assert repr(actor) == repr(keyworded) == shown
+    keyworded.close()  # never run: close its mailbox
+    async with anyio.create_task_group() as tg:
+        await tg.start(actor.run)
+        version = await write(store)
+        actor.tell(Changed("r", version))
+        with anyio.fail_after(10):  # a hang guard
+            await actor.until_built(version)
+        actor.tell(Stop())
+    assert await cached_version(cache) == version
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"mailbox_size": 0}, "mailbox_size must be an int >= 1, got 0"),
+        ({"retry_max": -1}, "retry_max must be a finite number of seconds > 0, got -1"),
+        ({"idle_timeout": None}, "idle_timeout must be a finite number of seconds > 0, got None"),
+        ({"handoff": 1}, "unknown option 'handoff'"),
+    ],
+)
+def test_bad_actor_options_are_refused_naming_the_option(values: dict[str, object], message: str) -> None:
+    """ActorOptions.create checks every value in one conversion; the error names the option."""
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        ActorOptions.create(**values)
 
 
 @pytest.mark.parametrize(

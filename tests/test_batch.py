@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from graphcache.actors import InvalidArgument, Node, Rebuilder, graph_key
+from graphcache.actors._stats import Counters
 from graphcache.cache import MemoryCache, ValueTooLarge
 from graphcache.storage import Graph, MemoryStore, RootNotFound, StoreUnavailable, Upsert
 from tests._actor_fakes import BatchStore, WrappedStore
@@ -34,14 +35,16 @@ def store(memory: MemoryStore) -> BatchStore:
 
 
 class CountingCache(MemoryCache):
-    """A MemoryCache that records the size of each put_many_if_newer call."""
+    """A MemoryCache that records the size (and the ttl) of each put_many_if_newer call."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.put_batches: list[int] = []
+        self.put_ttls: list[float | None] = []
 
     async def put_many_if_newer(self, items: Any, *, ttl: float | None = None) -> list[bool]:
         self.put_batches.append(len(items))
+        self.put_ttls.append(ttl)
         return await super().put_many_if_newer(items, ttl=ttl)
 
 
@@ -194,11 +197,39 @@ async def test_a_store_without_load_many_gets_one_load_per_root(memory: MemorySt
     assert all(results[root_id][1] is True for root_id in ROOTS[:5])
 
 
+async def test_every_put_carries_the_rebuilders_ttl(store: BatchStore) -> None:
+    """Rebuilder(ttl=s): each batched put carries it (a Node passes its graph_ttl); None by default."""
+    cache = CountingCache()
+    timed = Rebuilder(store, cache, ttl=5)
+    assert timed.ttl == 5.0
+    await rebuild_all(timed, ROOTS[:3])
+    await rebuild_all(Rebuilder(store, cache), ROOTS[3:6])
+    assert cache.put_ttls == [5.0, None]
+
+
+async def test_a_rebuilder_adds_to_the_counters_it_is_given(store: BatchStore) -> None:
+    """batches and recreated are the shared Counters' rebuild_batches and keys_recreated."""
+    counters = Counters()
+    rebuilder = Rebuilder(store, MemoryCache(), counters=counters)
+    await rebuild_all(rebuilder, ROOTS[:4])
+    assert rebuilder.batches == counters.rebuild_batches == 1
+    assert rebuilder.recreated == counters.keys_recreated == 0
+
+
 @pytest.mark.parametrize(
-    "options", [{"max_batch": 0}, {"max_batch": True}, {"max_batch": "8"}, {"max_flushes": 0}]
+    "options",
+    [
+        {"max_batch": 0},
+        {"max_batch": True},
+        {"max_batch": "8"},
+        {"max_flushes": 0},
+        {"remember_leases": 1.5},
+        {"ttl": 0},
+        {"ttl": float("nan")},
+    ],
 )
 async def test_bad_options_are_refused(store: BatchStore, options: dict[str, Any]) -> None:
-    """max_batch and max_flushes must be ints >= 1."""
+    """max_batch, max_flushes and remember_leases must be ints >= 1, ttl None or seconds > 0."""
     with pytest.raises(InvalidArgument, match=next(iter(options))):
         Rebuilder(store, MemoryCache(), **options)
 

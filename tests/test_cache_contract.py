@@ -153,6 +153,50 @@ async def test_put_if_newer_ignores_locks(cache: VersionedCache) -> None:
     await cache.unlock("k", lock)
 
 
+# -- get_many -------------------------------------------------------------------------------------------
+
+
+async def test_get_many_is_get_of_each_key_in_order(cache: VersionedCache) -> None:
+    """get_many(keys) is [get(k) for k in keys]: None for absent, invalidated and lease-only keys."""
+    await cache.put_if_newer("a", {"n": 1}, 5)
+    await cache.put_if_newer("b", "y", MAX)
+    await cache.put_if_newer("c", "gone", 2)
+    await cache.invalidate("c", 3)
+    await cache.lease("d")
+    keys = ["a", "b", "c", "d", "absent", "a"]
+    expected = [await cache.get(key) for key in keys]
+    assert expected == [CacheItem("a", {"n": 1}, 5), CacheItem("b", "y", MAX), None, None, None, expected[0]]
+    assert await cache.get_many(keys) == expected
+    assert await cache.get_many(tuple(keys[:2])) == expected[:2]
+    assert await cache.get_many([]) == []
+
+
+async def test_get_many_decodes_into_type_and_refuses_a_value_of_another_type(cache: VersionedCache) -> None:
+    """type= decodes every item; a well-formed value of another type raises InvalidValue, as get does."""
+    await cache.put_if_newer("p", Point(1, 2), 1)
+    await cache.put_if_newer("q", Point(3, 4), 2)
+    assert await cache.get_many(["p", "absent", "q"], type=Point) == [
+        CacheItem("p", Point(1, 2), 1),
+        None,
+        CacheItem("q", Point(3, 4), 2),
+    ]
+    await cache.put_if_newer("s", "not a point", 1)
+    with pytest.raises(InvalidValue, match="'s'"):
+        await cache.get_many(["p", "s"], type=Point)
+    with pytest.raises(InvalidValue, match="type="):
+        await cache.get_many(["p"], type=object())
+
+
+async def test_get_many_of_keys_on_many_slots(cache: VersionedCache) -> None:
+    """Keys that hash to different Cluster slots (and masters) come back in the order asked."""
+    keys = [f"graph:root-{index}" for index in range(50)]
+    assert await cache.put_many_if_newer([(key, index, index + 1) for index, key in enumerate(keys)])
+    shuffled = random.Random(3).sample(keys, len(keys))
+    items = await cache.get_many(shuffled)
+    assert [item.key if item is not None else None for item in items] == shuffled
+    assert all(item is not None and item.version == int(item.key.rsplit("-", 1)[1]) + 1 for item in items)
+
+
 # -- versions / discard ------------------------------------------------------------------------------
 
 
@@ -580,6 +624,7 @@ def _key_calls(bad: Any) -> list[Callable[[VersionedCache], Awaitable[Any]]]:
         lambda c: c.invalidate(bad, 1),
         lambda c: c.get_and_lock(bad, lock_timeout=1),
         lambda c: c.versions(["other", bad]),
+        lambda c: c.get_many(["other", bad]),
         lambda c: c.lease(bad),
         lambda c: c.lease_many(["other", bad]),
         lambda c: c.discard(bad, 1),
@@ -631,6 +676,8 @@ BAD_CALLS = (
         for items in ("kv1", b"kv1", None, [("k", "v")], [["k", "v", 1]], [("other", "v", 1), "k"])
     ]
     + [(InvalidKey, lambda c, keys=keys: c.versions(keys)) for keys in ("k", b"k", None)]
+    + [(InvalidKey, lambda c, keys=keys: c.get_many(keys)) for keys in ("k", b"k", None)]
+    + [(InvalidValue, lambda c: c.get_many(["k"], type=5))]
 )
 
 

@@ -114,6 +114,17 @@ def test_namespace_must_be_plain() -> None:
             RedisCache.from_url("redis://127.0.0.1:1/0", namespace=bad)
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "redis://127.0.0.1:port/0", 6379, None])
+@pytest.mark.parametrize("cluster", [False, True])
+def test_a_url_redis_py_cannot_use_is_invalid_argument_without_its_password(url: Any, cluster: bool) -> None:
+    """from_url of a URL redis-py refuses (or of no str) is InvalidArgument, never redis-py's ValueError."""
+    with pytest.raises(InvalidArgument, match="URL"):
+        RedisCache.from_url(url, cluster=cluster)
+    with pytest.raises(InvalidArgument) as caught:
+        RedisCache.from_url("redis://user:hunter2@127.0.0.1:port/0")
+    assert "hunter2" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "options",
     [{"namespace": "a:b"}, {"namespace": ""}, {"floor_ttl": 0}, {"floor_ttl": None}, {"max_value_bytes": 0}],
@@ -373,6 +384,27 @@ async def test_versions_reports_none_for_a_malformed_entry(backend: Backend, poi
 
 
 @pytest.mark.parametrize("poison", list(POISONS))
+async def test_get_many_serves_a_malformed_entry_as_a_counted_miss_and_removes_it(
+    backend: Backend, poison: str
+) -> None:
+    """In get_many a malformed entry is a miss, counted and removed, as in get; its neighbours are served."""
+    cache, raw = backend.cache, backend.raw
+    assert isinstance(cache, RedisCache)
+    assert raw is not None
+    entry = cache.redis_keys("k")[0]
+    await cache.put_if_newer("good", Point(1, 1), 3)
+    for kind in (None, Point):
+        await POISONS[poison](raw, entry)
+        before = cache.statistics().poisoned
+        items = await cache.get_many(["good", "k", "absent"], type=kind)
+        assert items[1:] == [None, None]
+        assert items[0] is not None
+        assert items[0].version == 3
+        assert cache.statistics().poisoned == before + 1
+        assert await raw.exists(entry) == 0
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
 async def test_get_and_lock_on_a_malformed_entry_locks_a_miss_and_put_and_unlock_replaces_it(
     backend: Backend, poison: str
 ) -> None:
@@ -437,4 +469,20 @@ async def test_versions_maps_a_failed_pipelined_reply_instead_of_reporting_a_mis
     client._replies = [b"4", True, RedisConnectionError("Connection closed by server."), True]
     with pytest.raises(CacheUnavailable) as caught:
         await cache.versions(["a", "b"])
+    assert isinstance(caught.value.__cause__, RedisConnectionError)
+
+
+async def test_get_many_reads_every_key_in_one_pipeline_and_maps_a_failed_reply() -> None:
+    """get_many sends one pipeline, nothing else; a failed pipelined reply is CacheUnavailable, not a miss."""
+    stored = [b"4", msgspec.msgpack.encode(Point(1, 2))]
+    client = _PipelineClient([stored, [None, None], stored])  # a client with no other command: any raises
+    cache = RedisCache(client, namespace="fake")  # type: ignore[arg-type]
+    assert await cache.get_many(["a", "b", "c"], type=Point) == [
+        CacheItem("a", Point(1, 2), 4),
+        None,
+        CacheItem("c", Point(1, 2), 4),
+    ]
+    client._replies = [stored, RedisConnectionError("Connection closed by server.")]
+    with pytest.raises(CacheUnavailable) as caught:
+        await cache.get_many(["a", "b"])
     assert isinstance(caught.value.__cause__, RedisConnectionError)

@@ -11,9 +11,12 @@ import anyio
 import pytest
 
 from graphcache.actors import (
+    ActorOptions,
     InvalidArgument,
+    InvalidNodeId,
     Node,
     NodeNotRunning,
+    NodeOptions,
     ReadTimeout,
     Ring,
     StaticMembership,
@@ -30,6 +33,7 @@ from tests._actor_fakes import (
     GatedStore,
     ManualMembership,
 )
+from tests._cache_backends import OffsetClock
 
 pytestmark = pytest.mark.anyio
 
@@ -403,7 +407,7 @@ async def test_use_outside_async_with_is_refused(store: MemoryStore, cache: Memo
         ({"root_id": "x" * 1001}, "root_id is 1001 UTF-8 bytes"),
         ({"min_version": -1}, "min_version must be in 0..2**63-1"),
         ({"min_version": 1.0}, "min_version must be an int, not float"),
-        ({"timeout": 0}, "timeout must be finite and > 0"),
+        ({"timeout": 0}, "timeout must be a finite number of seconds > 0, got 0"),
     ],
 )
 async def test_bad_read_arguments_are_refused(
@@ -420,16 +424,70 @@ async def test_bad_read_arguments_are_refused(
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        ({"node_id": ""}, "a node id must be a non-empty str"),
-        ({"consistency": "eventual"}, "consistency must be one of ('bounded', 'strict')"),
-        ({"handoff": -1}, "handoff must be finite and >= 0"),
-        ({"mailbox_size": 0}, "mailbox_size must be an int >= 1"),
-        ({"feed_after": -3}, "feed_after must be in 0..2**63-1"),
-        ({"min_rebuild_interval": float("nan")}, "min_rebuild_interval must be finite and >= 0"),
+        ({"node_id": ""}, "node_id must be a non-empty str, got ''"),
+        ({"consistency": "eventual"}, "consistency must be one of ('bounded', 'strict'), got 'eventual'"),
+        ({"handoff": -1}, "handoff must be a finite number of seconds >= 0, got -1"),
+        ({"mailbox_size": 0}, "mailbox_size must be an int >= 1, got 0"),
+        ({"mailbox_size": True}, "mailbox_size must be an int >= 1, got True"),
+        ({"feed_after": -3}, "feed_after must be an int in 0..2**63-1 or None, got -3"),
+        (
+            {"min_rebuild_interval": float("nan")},
+            "min_rebuild_interval must be a finite number of seconds >= 0",
+        ),
+        ({"idle_timeout": float("inf")}, "idle_timeout must be a finite number of seconds > 0, got inf"),
+        ({"graph_ttl": 0}, "graph_ttl must be a finite number of seconds > 0 or None, got 0"),
+        ({"sweep_interval": "60"}, "sweep_interval must be a finite number of seconds > 0, got '60'"),
     ],
 )
 def test_bad_node_options_are_refused(option: dict[str, object], message: str) -> None:
-    """Malformed Node options raise InvalidArgument naming the option."""
+    """Malformed Node options raise InvalidArgument naming the option, what it must be and what it was."""
     options: dict[str, object] = {"store": MemoryStore(), "cache": MemoryCache(), "node_id": "a"} | option
     with pytest.raises(InvalidArgument, match=re.escape(message)):
         Node(**options)  # type: ignore[arg-type]
+
+
+def test_a_bad_node_id_is_the_rings_invalid_node_id() -> None:
+    """node_id is checked with the other options, and its error is still InvalidNodeId."""
+    for bad in ("", None, 7):
+        with pytest.raises(InvalidNodeId, match="node_id must be a non-empty str"):
+            Node(store=MemoryStore(), cache=MemoryCache(), node_id=bad)  # type: ignore[arg-type]
+
+
+def test_node_options_are_checked_once_and_shown_on_the_node() -> None:
+    """Node(...) gathers its keywords into one NodeOptions; the actors' options land in .actor."""
+    store, cache = MemoryStore(), MemoryCache()
+    node = Node(store=store, cache=cache, node_id="a", idle_timeout=7, handoff=0, graph_ttl=9)
+    assert node.options == NodeOptions.create(node_id="a", idle_timeout=7, handoff=0, graph_ttl=9)
+    assert node.options.actor == ActorOptions.create(idle_timeout=7)
+    assert (node.options.handoff, node.options.graph_ttl, node.options.feed_after) == (0.0, 9.0, None)
+    assert (node.store, node.cache) == (store, cache)
+    with pytest.raises(AttributeError):
+        node.options.handoff = 5  # type: ignore[misc]
+    nested = NodeOptions.create(node_id="a", actor=ActorOptions.create(idle_timeout=7))
+    assert nested.actor == node.options.actor
+    with pytest.raises(InvalidArgument, match="not both"):
+        NodeOptions.create(node_id="a", idle_timeout=7, actor=ActorOptions())
+
+
+async def test_every_graph_the_node_caches_expires_after_graph_ttl(store: MemoryStore) -> None:
+    """graph_ttl: a read-through's put and a rebuild's put both expire after it (None: never)."""
+    clock = OffsetClock()
+    async with (
+        MemoryCache(clock=clock) as cache,
+        Node(store=store, cache=cache, node_id="a", graph_ttl=60) as node,
+    ):
+        await node.get("r")  # read through
+        assert await cached_version(cache, "r") == 1
+        clock.advance(61)
+        assert await cached_version(cache, "r") is None
+        version = await add_child(node, "r", "c")  # rebuilt by the actor
+        actor = node.actor("r")
+        assert actor is not None
+        await actor.until_built(version)
+        assert await cached_version(cache, "r") == version
+        clock.advance(61)
+        assert await cached_version(cache, "r") is None
+    async with MemoryCache(clock=clock) as cache, Node(store=store, cache=cache, node_id="b") as node:
+        await node.get("r")
+        clock.advance(10**6)
+        assert await cached_version(cache, "r") == version
