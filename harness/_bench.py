@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             name, help=(module.__doc__ or "").strip().splitlines()[0], description=module.__doc__
         )
         module.add_arguments(cmd)
-        cmd.set_defaults(_bench=module)
+        cmd.set_defaults(_bench=module, _prog=cmd.prog)  # failures name "graphcache bench cache"
 
 
 def run(args: argparse.Namespace) -> int:

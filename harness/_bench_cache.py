@@ -10,6 +10,7 @@ a second, load-insensitive view. Only this run's own namespace is written, and i
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 import uuid
@@ -20,7 +21,9 @@ import anyio
 import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from .._cli import UsageError, count, namespace, number_or_zero, redact, redis_url, seconds
 from ..cache import RedisCache
+from ._servers import reach_redis, removed_afterwards
 
 __all__ = ("add_arguments", "run")
 
@@ -32,38 +35,73 @@ Op = Callable[[int, int], Awaitable[Any]]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--redis", default="redis://127.0.0.1:6379/0", help="Redis URL (default: %(default)s)"
-    )
-    parser.add_argument("--concurrency", type=int, default=32, help="concurrent tasks (default: %(default)s)")
-    parser.add_argument("--value-bytes", type=int, default=4096, help="value size (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=1.0, help="seconds per phase and round (default: 1)")
-    parser.add_argument("--ops", type=int, default=None, help="ops per phase and round instead of --seconds")
+        "--redis", type=redis_url, default="redis://127.0.0.1:6379/0", metavar="URL",
+        help="Redis URL (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
-        "--rounds", type=int, default=7, help="alternating rounds; medians reported (default: 7)"
+        "--concurrency", type=count, default=32, help="concurrent tasks (default: %(default)s)"
     )
-    parser.add_argument("--namespace", default=None, help="key namespace (default: a fresh gcbench<hex>)")
-    parser.add_argument("--target", type=float, default=0.8, help="ratio to meet (default: %(default)s)")
+    parser.add_argument(
+        "--value-bytes", type=_value_bytes, default=4096,
+        help=f"value size, at most {MAX_VALUE_BYTES} (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seconds", type=seconds, default=1.0, help="seconds per phase and round (default: 1)"
+    )
+    parser.add_argument(
+        "--ops", type=count, default=None, help="ops per phase and round instead of --seconds"
+    )
+    parser.add_argument(
+        "--rounds", type=count, default=7, help="alternating rounds; medians reported (default: 7)"
+    )
+    parser.add_argument(
+        "--namespace", type=namespace, default=None,
+        help="key namespace, one that holds no keys: it is deleted afterwards (default: a new gcbench<hex>)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--target", type=number_or_zero, default=0.8, help="ratio to meet (default: %(default)s)"
+    )
+
+
+MAX_VALUE_BYTES = 1 << 20
+"""The largest --value-bytes: each phase writes it under 1024 keys, on what may be a shared server."""
+
+
+def _value_bytes(text: str) -> int:
+    value = count(text)
+    if value > MAX_VALUE_BYTES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_VALUE_BYTES}, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.concurrency < 1 or args.rounds < 1 or args.value_bytes < 1:
-        raise SystemExit("--concurrency, --rounds and --value-bytes must be positive")
     return anyio.run(_main, args)
 
 
 async def _main(args: argparse.Namespace) -> int:
-    namespace = args.namespace or f"gcbench{uuid.uuid4().hex[:8]}"
+    await reach_redis(args.redis)
+    space = args.namespace or f"gcbench{uuid.uuid4().hex[:8]}"
     pool = BlockingConnectionPool.from_url(args.redis, max_connections=args.concurrency, timeout=30)
     client = Redis.from_pool(pool)
-    cache = RedisCache(client, namespace=namespace, max_value_bytes=args.value_bytes + 64)
+    cache = RedisCache(client, namespace=space, max_value_bytes=args.value_bytes + 64)
     try:
-        results = await _measure(args, client, cache, namespace)
+        if args.namespace is not None and await _holds_keys(client, space):
+            # The run deletes its namespace afterwards: never someone else's keys.
+            raise UsageError(f"--namespace {space!r} already holds keys; name an unused one")
+        async with removed_afterwards(redis_url=args.redis, namespace=space):
+            results = await _measure(args, client, cache, space)
     finally:
-        await _clean(client, namespace)
-        await cache.aclose()
-        await client.aclose()
+        with anyio.CancelScope(shield=True):
+            await cache.aclose()
+            await client.aclose()
     _report(args, results)
     return 0
+
+
+async def _holds_keys(client: Redis, namespace: str) -> bool:
+    async for _ in client.scan_iter(match=f"{namespace}:*".encode(), count=1000):
+        return True
+    return False
 
 
 async def _measure(
@@ -128,47 +166,42 @@ class _Sample(NamedTuple):
 
 async def _phase(args: argparse.Namespace, op: Op, versions: list[int]) -> _Sample:
     """Run ``op`` from ``concurrency`` tasks. Versions only grow, so every put stores."""
-    count = [0]
+    done = [0]
     deadline = time.perf_counter() + args.seconds
     budget = args.ops
 
     async def worker(task: int) -> None:
         i = task
-        while (budget is None and time.perf_counter() < deadline) or (
-            budget is not None and count[0] < budget
-        ):
-            count[0] += 1
+        while True:  # at least one operation each, so a rate is never 0 ops / 0 s
+            done[0] += 1
             versions[0] += 1
             await op(i, versions[0])
             i += args.concurrency
+            if budget is None and time.perf_counter() >= deadline:
+                break
+            if budget is not None and done[0] >= budget:
+                break
 
     start, cpu = time.perf_counter(), time.process_time()
     async with anyio.create_task_group() as tg:
         for task in range(args.concurrency):
             tg.start_soon(worker, task)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return _Sample(count[0] / elapsed, cpu / count[0] * 1e6)
-
-
-async def _clean(client: Redis, namespace: str) -> None:
-    """Delete this run's keys only."""
-    batch: list[bytes] = []
-    async for key in client.scan_iter(match=f"{namespace}:*".encode(), count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            await client.delete(*batch)
-            batch.clear()
-    if batch:
-        await client.delete(*batch)
+    return _Sample(done[0] / elapsed, cpu / done[0] * 1e6)
 
 
 PAIRS = (("put_if_newer", "raw SET"), ("put, leased", "raw SET"), ("get", "raw GET"), ("get", "raw HGET"))
 
 
+def _ratio(a: float, b: float) -> float:
+    """``a / b``; NaN when ``b`` is 0 (a phase too short for the CPU clock to tick)."""
+    return a / b if b else math.nan
+
+
 def _report(args: argparse.Namespace, results: dict[str, list[_Sample]]) -> None:
     how = f"{args.ops} ops" if args.ops is not None else f"{args.seconds:g} s"
     print(
-        f"bench cache: {args.redis}, concurrency {args.concurrency}, {args.value_bytes} B values, "
+        f"bench cache: {redact(args.redis)}, concurrency {args.concurrency}, {args.value_bytes} B values, "
         f"{args.rounds} alternating rounds of {how} per phase (medians)"
     )
     print(f"{'operation':<14}{'ops/s':>10}{'CPU us/op':>11}")
@@ -178,7 +211,9 @@ def _report(args: argparse.Namespace, results: dict[str, list[_Sample]]) -> None
         print(f"{name:<14}{rate:>10.0f}{cpu:>11.0f}")
     for ours, raw in PAIRS:
         ratios = [a.rate / b.rate for a, b in zip(results[ours], results[raw], strict=True)]
-        cpu = statistics.median(b.cpu_us / a.cpu_us for a, b in zip(results[ours], results[raw], strict=True))
+        cpu = statistics.median(
+            _ratio(b.cpu_us, a.cpu_us) for a, b in zip(results[ours], results[raw], strict=True)
+        )
         ratio = statistics.median(ratios)
         verdict = "ok" if ratio >= args.target else f"BELOW TARGET {args.target:g}"
         print(

@@ -21,6 +21,7 @@ bench schema is dropped afterwards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
@@ -33,7 +34,9 @@ import asyncpg
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from .._cli import UsageError, count, number, postgres_dsn, redact, seconds, seconds_or_zero
 from ..storage import PostgresStore, Upsert
+from ._servers import reach_postgres, removed_afterwards
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -44,50 +47,62 @@ _BATCH = 20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--postgres", default=DEFAULT_DSN, metavar="DSN", help="PostgreSQL DSN (default: %(default)s)"
-    )
-    parser.add_argument("--concurrency", type=int, default=8, help="concurrent tasks (default: %(default)s)")
+        "--postgres", type=postgres_dsn, default=DEFAULT_DSN, metavar="DSN",
+        help="PostgreSQL URL (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
-        "--seconds", type=float, default=0.75, help="seconds per round (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=10, help="alternating rounds per side (default: %(default)s)"
+        "--concurrency", type=count, default=8, help="concurrent tasks (default: %(default)s)"
     )
     parser.add_argument(
-        "--feed-rate", type=float, default=500.0, help="commits/s for the feed (default: %(default)s)"
+        "--seconds", type=seconds, default=0.75, help="seconds per round (default: %(default)s)"
     )
     parser.add_argument(
-        "--feed-writers", type=int, default=24, help="concurrent feed writers (default: %(default)s)"
+        "--rounds", type=count, default=10, help="alternating rounds per side (default: %(default)s)"
     )
     parser.add_argument(
-        "--feed-seconds", type=float, default=5.0, help="feed run length (default: %(default)s)"
+        "--feed-rate", type=number, default=500.0, help="commits/s for the feed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--feed-writers", type=count, default=24, help="concurrent feed writers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--feed-seconds", type=seconds, default=5.0, help="feed run length (default: %(default)s)"
     )
     parser.add_argument(
         "--min-poll-interval",
-        type=float,
+        type=seconds_or_zero,
         default=None,
         help="the feed's minimum seconds between polls (default: the store's, 0.01; 0: one poll per wake-up)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.feed_rate * args.feed_seconds < 1:
+        raise UsageError(
+            f"--feed-rate {args.feed_rate:g} x --feed-seconds {args.feed_seconds:g} is less than one commit"
+        )
     return anyio.run(_main, args)
 
 
 async def _main(args: argparse.Namespace) -> int:
+    await reach_postgres(args.postgres)
     schema = f"bench_store_{uuid.uuid4().hex[:8]}"
     options = {} if args.min_poll_interval is None else {"min_poll_interval": args.min_poll_interval}
-    store = await PostgresStore.connect(args.postgres, schema, pool_size=args.concurrency, **options)
-    raw = await asyncpg.create_pool(args.postgres, min_size=args.concurrency, max_size=args.concurrency)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        # Entered first, so left last: the schema goes after every connection to it has closed.
+        await stack.enter_async_context(removed_afterwards(postgres=args.postgres, schema=schema))
+        store = await PostgresStore.connect(args.postgres, schema, pool_size=args.concurrency, **options)
+        stack.push_async_callback(_shielded, store.aclose)
+        raw = await asyncpg.create_pool(args.postgres, min_size=args.concurrency, max_size=args.concurrency)
+        stack.push_async_callback(_shielded, raw.close)
         rows = await _measure(args, store, raw, schema)
-    finally:
-        await store.aclose()
-        async with raw.acquire() as conn:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await raw.close()
     _print_table(rows, args)
     return 0
+
+
+async def _shielded(close: Callable[[], Awaitable[None]]) -> None:
+    with anyio.CancelScope(shield=True):
+        await close()
 
 
 async def _measure(
@@ -207,21 +222,25 @@ async def _alternate(
     return statistics.median(ours_rates), statistics.median(theirs_rates), statistics.median(ratios)
 
 
-async def _throughput(operation: Callable[[int], Awaitable[None]], concurrency: int, seconds: float) -> float:
-    count = 0
-    deadline = time.perf_counter() + seconds
+async def _throughput(
+    operation: Callable[[int], Awaitable[None]], concurrency: int, duration: float
+) -> float:
+    done = 0
+    deadline = time.perf_counter() + duration
 
     async def worker(index: int) -> None:
-        nonlocal count
-        while time.perf_counter() < deadline:
+        nonlocal done
+        while True:  # at least one operation each, so a rate is never 0 and a ratio never 0 / 0
             await operation(index)
-            count += 1
+            done += 1
+            if time.perf_counter() >= deadline:
+                break
 
     started = time.perf_counter()
     async with anyio.create_task_group() as group:
         for index in range(concurrency):
             group.start_soon(worker, index)
-    return count / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started)
 
 
 class _FeedRun(NamedTuple):
@@ -302,7 +321,7 @@ def _print_table(rows: list[Row], args: argparse.Namespace) -> None:
     print(
         f"bench store: {args.concurrency} tasks, {args.rounds} alternating rounds of {args.seconds:g}s"
         " (medians; ratio = median of per-round ratios),"
-        f" {args.postgres}"
+        f" {redact(args.postgres)}"
     )
     print(f"{'measure':<40} {'graphcache':>12} {'raw asyncpg':>12} {'ratio':>7}  target")
     for name, ours, theirs, ratio, target in rows:

@@ -9,15 +9,17 @@ Embedded by default (no servers); ``--redis URL --postgres DSN`` runs the same o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 from pathlib import Path
 
 import anyio
 import msgspec
 
+from .._cli import CommandError, UsageError, count, postgres_dsn, redis_url, seconds
 from ._loadtest import LoadConfig, run_compare
+from ._lt_fleet import need_sidecars_installed
 from ._report import StrategyResult
+from ._servers import reach
 
 __all__ = ("DemoColumn", "DemoResult", "add_arguments", "demo_config", "format_demo", "run", "run_demo")
 
@@ -57,23 +59,23 @@ class DemoResult(msgspec.Struct, frozen=True):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--duration", type=float, default=5.0, help="seconds of writes per column (default 5)"
+        "--duration", type=seconds, default=5.0, help="seconds of writes per column (default 5)"
     )
-    parser.add_argument("--writers", type=int, default=48, help="concurrent writer tasks (default 48)")
-    parser.add_argument("--roots", type=int, default=4, help="hot roots they all update (default 4)")
-    parser.add_argument("--nodes", type=int, default=3, help="graphcache nodes (default 3)")
+    parser.add_argument("--writers", type=count, default=48, help="concurrent writer tasks (default 48)")
+    parser.add_argument("--roots", type=count, default=4, help="hot roots they all update (default 4)")
+    parser.add_argument("--nodes", type=count, default=3, help="graphcache nodes (default 3)")
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
-    parser.add_argument("--redis", metavar="URL", help="real Redis (with --postgres); default: embedded")
-    parser.add_argument("--postgres", metavar="DSN", help="real PostgreSQL (with --redis)")
+    parser.add_argument(
+        "--redis", type=redis_url, metavar="URL", help="real Redis (with --postgres); default: embedded"
+    )
+    parser.add_argument("--postgres", type=postgres_dsn, metavar="DSN", help="real PostgreSQL (with --redis)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def demo_config(args: argparse.Namespace) -> LoadConfig:
     """The demo's workload: uniform over a few hot roots, readers sampling all the time."""
     if (args.redis is None) != (args.postgres is None):
-        raise ValueError("--redis and --postgres go together (or neither, for the embedded demo)")
-    if args.duration <= 0 or args.writers < 1 or args.roots < 1 or args.nodes < 1:
-        raise ValueError("--duration, --writers, --roots and --nodes must be positive")
+        raise UsageError("--redis and --postgres go together (or neither, for the embedded demo)")
     return LoadConfig(
         roots=args.roots, dist="uniform", writers=args.writers, writer_procs=2, readers=8, reader_procs=1,
         read_rate=200.0, load_latency=0.01, duration=args.duration, settle=3.0, seed=args.seed,
@@ -136,18 +138,16 @@ def _verdict(result: DemoResult) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``graphcache demo``: exit 0 when graphcache kept its guarantees, 1 otherwise, 2 on bad flags."""
-    try:
-        config = demo_config(args)
-    except ValueError as exc:
-        print(f"demo: {exc}")
-        return 2
-    with contextlib.ExitStack() as stack:
-        out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphcache-demo-")))
-        result = anyio.run(run_demo, config, out)
+    """``graphcache demo``: 0 when graphcache kept its guarantees; 1 if not, or a server was unreachable or
+    failed (nothing of the run is left on it); 2 on bad flags."""
+    config = demo_config(args)
+    if config.redis is not None and config.postgres is not None:
+        need_sidecars_installed(STRATEGIES)
+        anyio.run(reach, config.redis, config.postgres)
+    with tempfile.TemporaryDirectory(prefix="graphcache-demo-") as out:
+        result = anyio.run(run_demo, config, Path(out))
     if result is None:
-        print("demo: interrupted before both columns ran")
-        return 1
+        raise CommandError("interrupted before both columns ran")
     print(format_demo(result))
     ours = result.graphcache
     return 0 if ours.regressions == ours.torn == ours.stale == 0 else 1

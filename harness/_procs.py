@@ -1,6 +1,6 @@
 """Load-test worker processes: ``python -m graphcache.harness._procs writer|reader [options]``.
 
-The load generator (``harness/_loadtest.py``) starts these in their own sessions and speaks to them with
+The load test (``harness/_lt_fleet.py``) starts these in their own sessions and speaks to them with
 signals and stdout lines, so no process needs a thread blocked on stdin:
 
   child  -> "ready"            connected to the servers, waiting for the start signal

@@ -6,15 +6,19 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ._checker import CheckReport
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = (
     "StrategyResult",
     "StrategySummary",
+    "chart",
     "format_report",
     "format_summary",
     "format_table",
@@ -38,6 +42,17 @@ class StrategyResult(msgspec.Struct):
     cpu_s_per_1000: float
     check: CheckReport
     lags: list[float] = []  # raw commit->visible lags (seconds) for the chart; may be a sample
+    # Cache writes, refused ones included; None in a report written before they were counted.
+    puts: int | None = None
+
+    @property
+    def puts_per_update(self) -> float | None:
+        return None if self.puts is None else self.puts / max(self.updates, 1)
+
+    @property
+    def broke_safety(self) -> bool:
+        """Readers saw a regression (G1) or a torn graph (G2): what this strategy served was wrong."""
+        return self.check.regressions > 0 or self.check.torn > 0
 
 
 def format_report(report: CheckReport, *, title: str = "consistency check") -> str:
@@ -190,29 +205,100 @@ def write_json(path: str | Path, payload: Any) -> None:
     Path(path).write_bytes(encoded + b"\n")
 
 
+CHART_TITLES = (
+    "throughput (updates/s)",
+    "rebuilds and puts per update",
+    "commit -> visible lag (CDF)",
+    "G1 / G2 / G3 violations",
+)
+"""The chart's panels, left to right and top to bottom."""
+_BROKEN = "broke G1/G2"
+_SAFE_COLOR, _BROKEN_COLOR = "tab:blue", "tab:red"
+_LINE_COLORS = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:gray")
+"""Lag lines of strategies that kept G1/G2: never red, which marks the ones that did not."""
+_LABEL_SIZE = 8
+
+
 def write_chart(path: str | Path, results: Sequence[StrategyResult]) -> None:
-    """A PNG: commit-to-visible lag per strategy (CDF) and rebuilds per update, side by side."""
-    # Imported lazily: matplotlib is slow to import and only the chart needs it.
+    """A PNG of `chart` (rendered with Agg: a bare Figure needs no pyplot state)."""
+    chart(results).savefig(Path(path), format="png", dpi=100)
+
+
+def chart(results: Sequence[StrategyResult]) -> Figure:
+    """Per strategy: throughput, rebuilds and puts per update, the lag CDF and the G1/G2/G3 counts.
+
+    A strategy whose readers saw regressions or torn graphs is drawn in red, hatched and named
+    "broke G1/G2" in every panel: its throughput and lag were bought by serving wrong graphs, so it must
+    not read as the fast, cheap winner.
+    """
+    # Imported lazily: matplotlib is slow to import, optional (the 'chart' extra), and only this needs it.
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    figure = Figure(figsize=(12, 4.5), layout="constrained")
-    lag_axes, rebuild_axes = figure.subplots(1, 2)
-    _plot_lags(lag_axes, results)
-    _plot_rebuilds(rebuild_axes, results)
-    figure.savefig(Path(path), format="png", dpi=100)  # a bare Figure renders with Agg, no pyplot state
+    figure = Figure(figsize=(13, 8.5), layout="constrained")
+    (speed, cost), (lag, violations) = figure.subplots(2, 2)
+    labels = [_label(r) for r in results]
+    _plot_throughput(speed, results, labels)
+    _plot_costs(cost, results, labels)
+    _plot_lags(lag, results, labels)
+    _plot_violations(violations, results, labels)
+    if any(r.broke_safety for r in results):
+        figure.suptitle(f"red, hatched: readers saw regressed or torn graphs ({_BROKEN}); not a fair race")
+    return figure
 
 
-def _plot_lags(axes: Any, results: Sequence[StrategyResult]) -> None:
-    axes.set_title("commit -> visible lag (CDF)")
+def _label(result: StrategyResult) -> str:
+    return f"{result.strategy}\n({_BROKEN})" if result.broke_safety else result.strategy
+
+
+def _style(result: StrategyResult) -> dict[str, Any]:
+    if result.broke_safety:
+        return {"color": _BROKEN_COLOR, "hatch": "//", "edgecolor": "black"}
+    return {"color": _SAFE_COLOR}
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def _plot_throughput(axes: Any, results: Sequence[StrategyResult], labels: list[str]) -> None:
+    axes.set_title(CHART_TITLES[0])
+    for x, result in enumerate(results):
+        bars = axes.bar([x], [_finite(result.updates_per_s)], **_style(result))
+        axes.bar_label(bars, fmt="%.0f", fontsize=_LABEL_SIZE)
+    axes.set_xticks(range(len(results)), labels)
+    axes.set_ylabel("committed updates / s")
+
+
+def _plot_costs(axes: Any, results: Sequence[StrategyResult], labels: list[str]) -> None:
+    axes.set_title(CHART_TITLES[1])
+    width = 0.4
+    for x, result in enumerate(results):
+        style = _style(result)
+        rebuilds = axes.bar([x - width / 2], [_finite(result.rebuilds_per_update)], width, **style)
+        axes.bar_label(rebuilds, fmt="%.2f", fontsize=_LABEL_SIZE)
+        puts = result.puts_per_update
+        if puts is not None:
+            bars = axes.bar([x + width / 2], [_finite(puts)], width, **{**style, "alpha": 0.5})
+            axes.bar_label(bars, fmt="%.2f", fontsize=_LABEL_SIZE)
+    axes.set_xticks(range(len(results)), labels)
+    axes.set_ylabel("per committed update (solid: rebuilds, light: puts)")
+
+
+def _plot_lags(axes: Any, results: Sequence[StrategyResult], labels: list[str]) -> None:
+    axes.set_title(CHART_TITLES[2])
     axes.set_xlabel("lag (ms, log scale)")
     axes.set_ylabel("share of observed commits")
     plotted = False
-    for result in results:
+    for index, (result, label) in enumerate(zip(results, labels, strict=True)):
         if not result.lags:
             continue
         lags_ms = sorted(max(lag * 1000, 1e-3) for lag in result.lags)  # log axis: no zeros
         shares = [(i + 1) / len(lags_ms) for i in range(len(lags_ms))]
-        axes.step(lags_ms, shares, where="post", label=result.strategy)
+        if result.broke_safety:
+            color, line = _BROKEN_COLOR, "--"
+        else:
+            color, line = _LINE_COLORS[index % len(_LINE_COLORS)], "-"
+        axes.step(lags_ms, shares, line, color=color, where="post", label=label.replace("\n", " "))
         plotted = True
     if plotted:
         axes.set_xscale("log")
@@ -221,10 +307,18 @@ def _plot_lags(axes: Any, results: Sequence[StrategyResult]) -> None:
         axes.text(0.5, 0.5, "no lag data", ha="center", va="center", transform=axes.transAxes)
 
 
-def _plot_rebuilds(axes: Any, results: Sequence[StrategyResult]) -> None:
-    axes.set_title("rebuilds per update")
-    names = [r.strategy for r in results]
-    values = [r.rebuilds_per_update if math.isfinite(r.rebuilds_per_update) else 0.0 for r in results]
-    bars = axes.bar(names, values, color="tab:blue")
-    axes.bar_label(bars, fmt="%.3f")
-    axes.set_ylabel("rebuilds / update")
+def _plot_violations(axes: Any, results: Sequence[StrategyResult], labels: list[str]) -> None:
+    axes.set_title(CHART_TITLES[3])
+    width, highest = 0.27, 0
+    kinds = (("G1 regressions", "regressions", "tab:red"), ("G2 torn", "torn", "tab:orange"),
+             ("G3 stale", "stale", "tab:purple"))  # fmt: skip
+    for offset, (name, field, color) in zip((-width, 0.0, width), kinds, strict=True):
+        counts = [getattr(r.check, field) for r in results]
+        bars = axes.bar([x + offset for x in range(len(results))], counts, width, color=color, label=name)
+        axes.bar_label(bars, fmt="%d", fontsize=_LABEL_SIZE)
+        highest = max([highest, *counts])
+    axes.set_xticks(range(len(results)), labels)
+    axes.set_yscale("symlog")  # zero must show as zero, and 3 beside 30,000 must still show
+    axes.set_ylim(0, max(10, highest * 4))  # room above the tallest bar for its label and the legend
+    axes.set_ylabel("count (0 is the only good number)")
+    axes.legend(loc="upper right")

@@ -29,18 +29,21 @@ __all__ = ("NAMES", "STRATEGIES", "Strategy", "Tally")
 
 @dataclass
 class Tally:
-    """What one process's writers did: committed updates, rebuilds (loads done for caching), refused puts."""
+    """What one process's writers did: committed updates, rebuilds (loads done for caching), cache writes
+    (puts) and the refused ones among them (or rebuilds given up before a write), failures."""
 
     updates: int = 0
     rebuilds: int = 0
     refused: int = 0
     failures: int = 0
+    puts: int = 0
 
     def add(self, other: Tally) -> None:
         self.updates += other.updates
         self.rebuilds += other.rebuilds
         self.refused += other.refused
         self.failures += other.failures
+        self.puts += other.puts
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -79,6 +82,7 @@ class CompareAndSet:
     ) -> None:
         graph = await store.load(root_id)
         tally.rebuilds += 1
+        tally.puts += 1
         if not await cache.put_if_newer(graph_key(root_id), graph, graph.version):
             tally.refused += 1
 
@@ -92,6 +96,7 @@ class Naive:
         read_version = await store.version(root_id)
         nodes = (await store.load(root_id)).nodes
         tally.rebuilds += 1
+        tally.puts += 1
         await cache.insert(graph_key(root_id), Graph(root_id, read_version, nodes))
 
 
@@ -107,6 +112,7 @@ class CheckThenSet:
         if await store.version(root_id) != read_version:
             tally.refused += 1
             return
+        tally.puts += 1
         await cache.insert(graph_key(root_id), Graph(root_id, read_version, nodes))
 
 
@@ -133,6 +139,7 @@ class Locked:
             await _unlock_quietly(cache, key, lock)
             raise
         tally.rebuilds += 1
+        tally.puts += 1
         try:
             await cache.put_and_unlock(key, graph, lock)
         except LockLost:

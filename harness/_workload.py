@@ -160,25 +160,31 @@ class Lane:
 
 
 class _Pacer:
-    """Spaces operations ``1/rate`` seconds apart (rate 0: as fast as possible, yielding each time)."""
+    """Spaces operations ``1/rate`` seconds apart (rate 0: as fast as possible, yielding each time).
 
-    def __init__(self, rate: float) -> None:
+    A wait ends early when ``stopper`` fires: at a slow rate the pause may be longer than the whole run,
+    and the run must not outlast its ``--duration`` waiting for it.
+    """
+
+    def __init__(self, rate: float, stopper: Stopper) -> None:
         self._interval = 1.0 / rate if rate > 0 else 0.0
         self._next = _now()
+        self._stopper = stopper
 
     async def wait(self) -> None:
         if self._interval == 0.0:
             await anyio.lowlevel.checkpoint()
             return
         self._next = max(self._next + self._interval, _now() - self._interval)
-        await anyio.sleep(max(0.0, self._next - _now()))
+        with anyio.move_on_after(max(0.0, self._next - _now())):
+            await self._stopper.event.wait()
 
 
 async def write_loop(
     lane: Lane, store: GraphStore, cache: VersionedCache, strategy: Strategy, tally: Tally
 ) -> None:
     """Commit one change per iteration, record it, then let the strategy maintain the cache its way."""
-    pacer = _Pacer(lane.rate)
+    pacer = _Pacer(lane.rate, lane.stopper)
     for seq in itertools.count():
         if lane.stopper.stopped:
             return
@@ -237,7 +243,7 @@ async def record_read(
 
 async def read_loop(lane: Lane, cache: VersionedCache) -> None:
     """Sample the cache until stopped, recording every read."""
-    pacer = _Pacer(lane.rate)
+    pacer = _Pacer(lane.rate, lane.stopper)
     while not lane.stopper.stopped:
         root_id = lane.picker.pick()
         try:

@@ -5,9 +5,10 @@ other through heartbeats in Redis (--membership redis). Every option can also co
 variable shown in brackets.
 
 It keeps running through outages: PostgreSQL or Redis down, restarted or failing over is retried with
-capped backoff and shown by /readyz and /metrics. Only SIGTERM/SIGINT, a bad option, or servers still
-unreachable --startup-timeout seconds after start-up end it. Once the node runs, it writes one line to
-stdout: "graphcache node NODE_ID ready metrics=http://HOST:PORT/metrics".
+capped backoff and shown by /readyz and /metrics. Only SIGTERM/SIGINT (exit 0), a bad option (exit 2),
+servers still unreachable --startup-timeout seconds after start-up or a metrics address that cannot be
+bound (exit 1, one line naming the flag) end it. Once the node runs, it writes one line to stdout:
+"graphcache node NODE_ID ready metrics=http://HOST:PORT/metrics".
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import socket
 import sys
@@ -28,6 +28,21 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from .._cli import (
+    UsageError,
+    choice,
+    identifier,
+    log_level,
+    namespace,
+    non_blank,
+    one_line,
+    port,
+    postgres_dsn,
+    redact,
+    redis_url,
+    seconds,
+    seconds_or_zero,
+)
 from ..actors import (
     DEFAULT_MIN_REBUILD_INTERVAL,
     DEFAULT_SWEEP_INTERVAL,
@@ -52,8 +67,34 @@ _TEXT = "text/plain; charset=utf-8"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"GRAPHCACHE_{name}", default)
+class _FromEnvironment(str):
+    """A flag's default taken from its GRAPHCACHE_* variable, so a bad value names the variable too."""
+
+    variable: str
+
+
+def _default(env: str, default: str) -> str:
+    name = f"GRAPHCACHE_{env}"
+    if name not in os.environ:
+        return default
+    value = _FromEnvironment(os.environ[name])
+    value.variable = name
+    return value
+
+
+def _checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert``, whose complaint about a value from the environment also names the variable."""
+
+    def check(text: str) -> Any:
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError as exc:
+            if isinstance(text, _FromEnvironment):
+                raise argparse.ArgumentTypeError(f"{exc} (from {text.variable})") from None
+            raise
+
+    check.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in some messages
+    return check
 
 
 def _option(
@@ -63,97 +104,99 @@ def _option(
     default: str,
     help_text: str,
     *,
+    convert: Callable[[str], Any],
     secret: bool = False,
-    **kw: Any,
+    metavar: str | None = None,
 ) -> None:
-    value = _env(env, default)
-    shown = _redact(value).replace("%", "%%") if secret else "%(default)s"  # never print a password
+    """A flag whose default comes from GRAPHCACHE_<env>; the value (either way) is checked by ``convert``."""
+    value = _default(env, default)
+    shown = redact(value).replace("%", "%%") if secret else "%(default)s"  # never print a password
     parser.add_argument(
-        flag, default=value, help=f"{help_text} (default: {shown}) [env GRAPHCACHE_{env}]", **kw
+        flag,
+        default=value,  # a string: argparse converts (and so checks) it with ``type`` like a typed flag
+        type=_checked(convert),
+        metavar=metavar,
+        help=f"{help_text} (default: {shown}) [env GRAPHCACHE_{env}]",
     )
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password (``user:***@``), also in a ``password=`` parameter."""
-    url = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
-    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` subcommand's options; each defaults to its GRAPHCACHE_* environment variable."""
     _option(
         parser, "--redis", "REDIS", "redis://127.0.0.1:6379/0", "Redis URL of the cache and membership",
-        secret=True,
+        convert=redis_url, secret=True, metavar="URL",
     )  # fmt: skip
     _option(
-        parser, "--postgres", "POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres", "PostgreSQL DSN",
-        secret=True,
+        parser, "--postgres", "POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres", "PostgreSQL URL",
+        convert=postgres_dsn, secret=True, metavar="DSN",
     )  # fmt: skip
     _option(
         parser, "--node-id", "NODE_ID", socket.gethostname(),
         "this node's unique id; a node restarted under the same id resumes the change feed from its"
         " durable checkpoint (set one per sidecar when several run on one host)",
+        convert=non_blank, metavar="ID",
     )  # fmt: skip
-    _option(parser, "--namespace", "NAMESPACE", "gc", "Redis key namespace of the cache and the members set")
-    _option(parser, "--schema", "SCHEMA", "graphcache", "PostgreSQL schema of the graphs and the outbox")
+    _option(
+        parser, "--namespace", "NAMESPACE", "gc",
+        "Redis key namespace of the cache and the members set (letters, digits, _ . -)", convert=namespace,
+    )  # fmt: skip
+    _option(
+        parser, "--schema", "SCHEMA", "graphcache", "PostgreSQL schema of the graphs and the outbox",
+        convert=identifier,
+    )  # fmt: skip
     _option(
         parser, "--membership", "MEMBERSHIP", "redis", "redis: find siblings by heartbeats; static: alone",
-        choices=("redis", "static"),
+        convert=choice("redis", "static"), metavar="{redis,static}",
     )  # fmt: skip
-    _option(parser, "--heartbeat", "HEARTBEAT", "1.0", "seconds between membership heartbeats", type=float)
-    _option(parser, "--ttl", "TTL", "3.0", "seconds after its last heartbeat a node drops out", type=float)
+    _option(
+        parser, "--heartbeat", "HEARTBEAT", "1.0", "seconds between membership heartbeats (less than --ttl)",
+        convert=seconds, metavar="SECONDS",
+    )  # fmt: skip
+    _option(
+        parser, "--ttl", "TTL", "3.0", "seconds after its last heartbeat a node drops out",
+        convert=seconds, metavar="SECONDS",
+    )  # fmt: skip
     _option(
         parser, "--consistency", "CONSISTENCY", "bounded",
         "bounded: serve the previous graph until the rebuild lands; strict: invalidate first",
-        choices=("bounded", "strict"),
+        convert=choice("bounded", "strict"), metavar="{bounded,strict}",
     )  # fmt: skip
     _option(
-        parser,
-        "--idle-timeout",
-        "IDLE_TIMEOUT",
-        "30.0",
-        "seconds before an idle actor passivates",
-        type=float,
-    )
+        parser, "--idle-timeout", "IDLE_TIMEOUT", "30.0", "seconds before an idle actor passivates",
+        convert=seconds, metavar="SECONDS",
+    )  # fmt: skip
     _option(
-        parser,
-        "--min-rebuild-interval",
-        "MIN_REBUILD_INTERVAL",
-        str(DEFAULT_MIN_REBUILD_INTERVAL),
+        parser, "--min-rebuild-interval", "MIN_REBUILD_INTERVAL", str(DEFAULT_MIN_REBUILD_INTERVAL),
         "seconds between the starts of two rebuilds of one root (0: no pacing); the change feed is"
         " then read at most every half of it",
-        type=float,
-    )
+        convert=seconds_or_zero, metavar="SECONDS",
+    )  # fmt: skip
     _option(
-        parser,
-        "--sweep-interval",
-        "SWEEP_INTERVAL",
-        str(DEFAULT_SWEEP_INTERVAL),
+        parser, "--sweep-interval", "SWEEP_INTERVAL", str(DEFAULT_SWEEP_INTERVAL),
         "seconds between reconcile sweeps (cached against committed versions of the owned roots)",
-        type=float,
-    )
+        convert=seconds, metavar="SECONDS",
+    )  # fmt: skip
     _option(
-        parser,
-        "--startup-timeout",
-        "STARTUP_TIMEOUT",
-        "30",
+        parser, "--startup-timeout", "STARTUP_TIMEOUT", "30",
         "seconds to keep retrying PostgreSQL and Redis at start-up before exiting 1 (0: forever)",
-        type=float,
-    )
-    _option(parser, "--metrics-host", "METRICS_HOST", "127.0.0.1", "address of /metrics, /healthz, /readyz")
+        convert=seconds_or_zero, metavar="SECONDS",
+    )  # fmt: skip
+    _option(
+        parser, "--metrics-host", "METRICS_HOST", "127.0.0.1", "address of /metrics, /healthz, /readyz",
+        convert=non_blank, metavar="HOST",
+    )  # fmt: skip
     _option(
         parser, "--metrics-port", "METRICS_PORT", "9464", "port of /metrics, /healthz, /readyz (0: any)",
-        type=int,
+        convert=port, metavar="PORT",
     )  # fmt: skip
-    _option(parser, "--log-level", "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     _option(
-        parser,
-        "--log-format",
-        "LOG_FORMAT",
-        "text",
-        "text or json (one object per line)",
-        choices=("text", "json"),
-    )
+        parser, "--log-level", "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR",
+        convert=log_level, metavar="LEVEL",
+    )  # fmt: skip
+    _option(
+        parser, "--log-format", "LOG_FORMAT", "text", "text or json (one object per line)",
+        convert=choice("text", "json"), metavar="{text,json}",
+    )  # fmt: skip
 
 
 class _JsonFormatter(logging.Formatter):
@@ -186,36 +229,28 @@ def _configure_logging(level: str, fmt: str, node_id: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT: 0 after a clean stop; 2 for a bad option; 1 if the store or the cache
-    is still unreachable ``--startup-timeout`` seconds after start-up."""
+    """Serve until SIGTERM/SIGINT: 0 after a clean stop; 1 if the store or the cache is still unreachable
+    ``--startup-timeout`` seconds after start-up, or the metrics address cannot be bound. Each flag was
+    checked as it was parsed (a bad one is exit 2 before this runs)."""
+    if not args.ttl > args.heartbeat:
+        # A member would drop out of its siblings' views between two of its own heartbeats.
+        raise UsageError(f"--ttl ({args.ttl:g}s) must be longer than --heartbeat ({args.heartbeat:g}s)")
     _configure_logging(args.log_level, args.log_format, args.node_id)
-    problem = _check_options(args)
-    if problem is not None:
-        logger.error("cannot serve: %s", problem)
-        return 2
     try:
         anyio.run(_serve, args)
-    except (StoreError, CacheError, ValueError, OSError) as exc:  # OSError: the HTTP port is taken
-        logger.error("cannot serve: %s", exc)
-        return 2 if isinstance(exc, ValueError) else 1
+    except (StoreError, CacheError, OSError) as exc:
+        logger.error("cannot serve: %s (%s)", one_line(str(exc)), _blamed_flags(exc))
+        return 1
     return 0
 
 
-def _check_options(args: argparse.Namespace) -> str | None:
-    """The first bad option, named, before any I/O (None: all good)."""
-    for flag in ("heartbeat", "ttl", "idle_timeout", "sweep_interval"):
-        value = getattr(args, flag)
-        if not math.isfinite(value) or value <= 0:
-            return f"--{flag.replace('_', '-')} must be a positive number of seconds, got {value}"
-    for flag in ("min_rebuild_interval", "startup_timeout"):
-        value = getattr(args, flag)
-        if not math.isfinite(value) or value < 0:
-            return f"--{flag.replace('_', '-')} must be >= 0 seconds, got {value}"
-    if not 0 <= args.metrics_port <= 65535:
-        return f"--metrics-port must be in 0..65535, got {args.metrics_port}"
-    if not args.redis.startswith(("redis://", "rediss://", "unix://")):
-        return f"--redis must be a redis://, rediss:// or unix:// URL, got {_redact(args.redis)!r}"
-    return None
+def _blamed_flags(exc: Exception) -> str:
+    """The flags that say where the failed server or address is."""
+    if isinstance(exc, StoreError):
+        return "--postgres"
+    if isinstance(exc, CacheError):
+        return "--redis"
+    return "--metrics-host, --metrics-port"
 
 
 def _membership(args: argparse.Namespace) -> Membership:

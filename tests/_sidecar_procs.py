@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import anyio
 import anyio.abc
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 READY = re.compile(rb"graphcache node (\S+) ready metrics=(\S+)")
-_SAMPLE = re.compile(r'^(\w+)\{node="[^"]*"(?:,result="(\w+)")?\} (\S+)$')
 
 
 class Sidecar:
@@ -50,12 +50,14 @@ async def http_get(url: str) -> str:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
+    """``name`` (or ``name:result``) -> value of each sample labelled by node (and result) only; histogram
+    buckets (labelled ``le`` too) are left out."""
     samples: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is not None:
-            name, result, value = match.groups()
-            samples[f"{name}:{result}" if result else name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "node" in sample.labels and set(sample.labels) <= {"node", "result"}:
+                result = sample.labels.get("result")
+                samples[f"{sample.name}:{result}" if result else sample.name] = float(sample.value)
     return samples
 
 

@@ -7,6 +7,7 @@ import argparse
 import anyio
 import pytest
 
+from graphcache import _cli
 from graphcache.harness import _demo
 from graphcache.harness._demo import DemoColumn, DemoResult, format_demo, run_demo
 
@@ -61,15 +62,36 @@ def test_verdict_names_a_violation_when_there_is_one() -> None:
 
 
 def test_cli_prints_both_columns(capsys: pytest.CaptureFixture[str]) -> None:
-    """``run.py demo`` exits 0 and prints the side-by-side table."""
-    code = _demo.run(demo_args("--duration", "1", "--writers", "24", "--no-progress"))
+    """``graphcache demo`` exits 0 and prints the side-by-side table."""
+    code = _cli.main(["demo", "--duration", "1", "--writers", "24", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
     assert out.splitlines()[0].split() == ["naive", "graphcache"]
     assert "regressions seen by readers (G1)" in out
 
 
-def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    """Half a server pair is refused before anything runs."""
-    assert _demo.run(demo_args("--postgres", "postgresql://x")) == 2
-    assert "--redis and --postgres go together" in capsys.readouterr().out
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--postgres", "postgresql://x"], "graphcache demo: --redis and --postgres go together"),
+        (["--duration", "-1"], "graphcache demo: argument --duration: must be a positive number of seconds"),
+        (["--writers", "0"], "graphcache demo: argument --writers: must be 1 or more"),
+        (["--redis", "memcached://x", "--postgres", "postgresql://x"], "graphcache demo: argument --redis:"),
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad flag, or half a server pair, is one line on stderr and exit 2 before anything runs."""
+    assert _cli.main(["demo", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message)
+    assert captured.err.count("\n") == 1
+    assert captured.out == ""
+
+
+def test_unreachable_servers_exit_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """With Redis down the real-server demo is one line naming --redis and exit 1, before any column."""
+    argv = ["--redis", "redis://127.0.0.1:1/0", "--postgres", "postgresql://postgres@127.0.0.1:1/postgres"]
+    assert _cli.main(["demo", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("graphcache demo: cannot reach Redis (--redis redis://127.0.0.1:1/0)")
+    assert err.count("\n") == 1

@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
 import os
+import re
 import signal
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 import msgspec
 import pytest
 
+from graphcache import _cli
 from graphcache.harness import StrategyResult, _loadtest, read_history
-from graphcache.harness._loadtest import LoadConfig, _tally_from_metrics, run_compare
+from graphcache.harness._loadtest import LoadConfig, run_compare
+from graphcache.harness._lt_backends import Env
+from graphcache.harness._lt_config import fresh_out_directory
+from graphcache.harness._lt_fleet import scrape, serve_argv, tally_from_metrics
 from graphcache.harness._strategies import NAMES
 
 
 def loadtest(argv: list[str]) -> int:
-    """``run.py loadtest ARGV`` (the same add_arguments/run pair run.py wires up)."""
-    parser = argparse.ArgumentParser()
-    _loadtest.add_arguments(parser)
-    return _loadtest.run(parser.parse_args(argv))
+    """``graphcache loadtest ARGV``, in this process."""
+    return _cli.main(["loadtest", *argv])
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -104,8 +111,10 @@ def test_same_seed_same_workload(tmp_path: Path) -> None:
     assert a == b
 
 
-def test_ctrl_c_stops_with_a_partial_report(tmp_path: Path) -> None:
-    """SIGINT during the first strategy ends it, skips the rest, and still returns its checked result."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_with_a_partial_report(tmp_path: Path, signum: signal.Signals) -> None:
+    """SIGINT (or SIGTERM) during the first strategy ends it, skips the rest, and still returns its checked
+    result: the run ends through its clean-up, never killed midway."""
 
     async def main() -> list[StrategyResult]:
         config = LoadConfig(duration=600, settle=1, writers=8, readers=1, progress=False)
@@ -121,7 +130,7 @@ def test_ctrl_c_stops_with_a_partial_report(tmp_path: Path) -> None:
                 # the writers' first flushed events: a file condition, polled under a deadline
                 while not (history.exists() and history.stat().st_size > 0):  # noqa: ASYNC110
                     await anyio.sleep(0.05)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return results
 
     results = anyio.run(main)
@@ -134,19 +143,27 @@ def test_ctrl_c_stops_with_a_partial_report(tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (["--redis", "redis://127.0.0.1:6379/0"], "--redis and --postgres go together"),
-        (["--writers", "0"], "--writers must be positive"),
-        (["--duration", "0"], "--duration must be > 0"),
-        (["--rounds", "0"], "--rounds must be positive"),
-        (["--min-rebuild-interval", "-0.1"], "--min-rebuild-interval and latencies must be >= 0"),
+        (["--writers", "0"], "argument --writers: must be 1 or more"),
+        (["--duration", "0"], "argument --duration: must be a positive number of seconds"),
+        (["--rounds", "0"], "argument --rounds: must be 1 or more"),
+        (
+            ["--min-rebuild-interval", "-0.1"],
+            "argument --min-rebuild-interval: must be 0 or a positive number",
+        ),
+        (["--latency", "0.2", "0.1"], "--latency MIN MAX: MIN (0.2) must not exceed MAX (0.1)"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_runs(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Inconsistent flags exit 2 with a specific message and write nothing."""
+    """Inconsistent flags exit 2 with one line on stderr naming the flag, and write nothing."""
     code = loadtest([*argv, "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
     assert code == 2
-    assert message in capsys.readouterr().out
+    assert captured.err.startswith("graphcache loadtest: ")
+    assert message in captured.err
+    assert captured.err.count("\n") == 1
+    assert captured.out == ""
     assert not (tmp_path / "out").exists()
 
 
@@ -161,25 +178,58 @@ def test_simulate_ring_runs_the_ring_simulation(monkeypatch: pytest.MonkeyPatch)
 def test_simulate_ring_refuses_a_bad_list(capsys: pytest.CaptureFixture[str]) -> None:
     """A node list that is not integers >= 2 exits 2 with the reason."""
     assert loadtest(["--simulate-ring", "3,x"]) == 2
-    assert "comma list of node counts" in capsys.readouterr().out
+    assert "argument --simulate-ring: want a comma list of node counts" in capsys.readouterr().err
+
+
+METRICS_PAGE = "\n".join(
+    [
+        "# HELP graphcache_rebuilds_total Rebuilds.",
+        "# TYPE graphcache_rebuilds_total counter",
+        'graphcache_rebuilds_total{node="node-0"} 736.0',
+        'graphcache_rebuild_failures_total{node="node-0"} 9.0',
+        "# HELP graphcache_puts_total Versioned puts by result.",
+        "# TYPE graphcache_puts_total counter",
+        'graphcache_puts_total{node="node-0",result="stored"} 586.0',
+        'graphcache_puts_total{node="node-0",result="refused"} 150.0',
+        'graphcache_rebuild_seconds_count{node="node-0"} 736.0',
+        'graphcache_members{node="node-0"} 2.0',
+        "",
+    ]
+)
 
 
 def test_sidecar_counts_are_read_from_prometheus_text() -> None:
-    """Rebuilds and refused puts come from the sidecar's /metrics families, summed over label sets."""
-    page = "\n".join(
-        [
-            "HTTP/1.1 200 OK",
-            "",
-            "# HELP graphcache_rebuilds_total Rebuilds.",
-            'graphcache_rebuilds_total{node="node-0"} 736.0',
-            'graphcache_rebuild_failures_total{node="node-0"} 9.0',
-            'graphcache_puts_total{node="node-0",result="stored"} 586.0',
-            'graphcache_puts_total{node="node-0",result="refused"} 150.0',
-            'graphcache_rebuild_seconds_count{node="node-0"} 736.0',
-        ]
-    )
-    tally = _tally_from_metrics(page)
-    assert (tally.rebuilds, tally.refused, tally.updates) == (736, 150, 0)
+    """Rebuilds, puts and refused puts come from the sidecar's /metrics families, summed over label sets."""
+    tally = tally_from_metrics(METRICS_PAGE)
+    assert (tally.rebuilds, tally.puts, tally.refused, tally.updates) == (736, 736, 150, 0)
+
+
+class _MetricsPage(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = METRICS_PAGE.encode() if self.path == "/metrics" else b""
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_sidecar_page_is_fetched_with_a_plain_http_get() -> None:
+    """scrape() GETs the metrics URL of the sidecar's ready line and returns the page as text."""
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MetricsPage) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            port = server.server_address[1]
+            node = SimpleNamespace(
+                name="node-0", ready_line=f"graphcache node n ready metrics=http://127.0.0.1:{port}/metrics"
+            )
+            page = anyio.run(scrape, node)
+        finally:
+            server.shutdown()
+    assert tally_from_metrics(page).rebuilds == 736
 
 
 def test_report_json_never_holds_a_password(tmp_path: Path) -> None:
@@ -188,7 +238,7 @@ def test_report_json_never_holds_a_password(tmp_path: Path) -> None:
         redis="redis://user:s3cret@127.0.0.1:6379/0",
         postgres="postgresql://postgres:hunter2@127.0.0.1:5432/postgres",
     )
-    _loadtest._write_reports(tmp_path, config, [])
+    _loadtest._write_reports(tmp_path, config, [])  # the report of a run interrupted before any result
     text = (tmp_path / "report.json").read_text()
     assert "s3cret" not in text
     assert "hunter2" not in text
@@ -214,9 +264,7 @@ def test_strategy_list_refuses_unknown_or_repeated_names(
     value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An unknown or repeated strategy name is a usage error (exit 2) that lists the known names."""
-    with pytest.raises(SystemExit) as exited:
-        loadtest(["--strategy", value])
-    assert exited.value.code == 2
+    assert loadtest(["--strategy", value]) == 2
     assert "actor, cas, naive, checkset, lock, none" in capsys.readouterr().err
 
 
@@ -226,6 +274,47 @@ def test_min_rebuild_interval_reaches_the_config() -> None:
     _loadtest.add_arguments(parser)
     config = _loadtest.config_from_args(parser.parse_args(["--min-rebuild-interval", "0.25"]))
     assert config.min_rebuild_interval == 0.25
-    env = _loadtest._Env(config, store=None, cache=None, namespace="ns", schema="sc")  # type: ignore[arg-type]
-    argv = _loadtest._serve_argv(env, "node-0")
+    env = Env(config, store=None, cache=None, namespace="ns", schema="sc")  # type: ignore[arg-type]
+    argv = serve_argv(env, "node-0")
     assert argv[argv.index("--min-rebuild-interval") + 1] == "0.25"
+
+
+def test_out_defaults_to_a_new_folder_in_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --out the run writes to a new ./loadtest-YYYYmmdd-HHMMSS and prints that path last."""
+    monkeypatch.chdir(tmp_path)
+    assert loadtest(["--strategy", "none", "--duration", "0.3", "--settle", "0.5", "--no-progress"]) == 0
+    (out,) = tmp_path.iterdir()
+    assert re.fullmatch(r"loadtest-\d{8}-\d{6}", out.name)
+    assert {"report.json", "report.png", "none"} <= {p.name for p in out.iterdir()}
+    assert capsys.readouterr().out.splitlines()[-1] == f"histories, report.json and report.png in {out}"
+
+
+def test_a_slow_rate_does_not_stretch_the_run_past_its_duration(tmp_path: Path) -> None:
+    """At one update per 100 s a writer's pause outlasts the run; the stop ends it, not the pause."""
+    started = time.monotonic()
+    argv = ["--strategy", "cas", "--rate", "0.01", "--read-rate", "0.01", "--duration", "0.5"]
+    assert loadtest([*argv, "--settle", "0.5", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert time.monotonic() - started < 30  # the pauses alone would take 100 s
+
+
+def test_a_new_out_folder_never_reuses_an_existing_one(tmp_path: Path) -> None:
+    """Two runs started in the same second get two folders (the second one suffixed)."""
+    first, second = fresh_out_directory(tmp_path), fresh_out_directory(tmp_path)
+    assert first != second
+    assert first.is_dir()
+    assert second.is_dir()
+
+
+def test_nothing_is_run_or_written_when_a_server_is_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unreachable Redis is one line naming --redis, exit 1, before the out folder is made."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--redis", "redis://127.0.0.1:1/0", "--postgres", "postgresql://postgres@127.0.0.1:1/postgres"]
+    assert loadtest(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("graphcache loadtest: cannot reach Redis (--redis redis://127.0.0.1:1/0)")
+    assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

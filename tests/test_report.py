@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from graphcache import _cli
 from graphcache.harness import (
     CheckReport,
     Event,
@@ -26,7 +26,7 @@ from graphcache.harness import (
     write_chart,
     write_json,
 )
-from graphcache.harness import _check_cli as check_cli
+from graphcache.harness._report import CHART_TITLES, chart
 from graphcache.storage import Graph, Node, Upsert
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -159,6 +159,57 @@ def test_write_chart_writes_a_png(tmp_path: Path) -> None:
     assert path.read_bytes().startswith(PNG_SIGNATURE)
 
 
+def _bar_heights(axes: object) -> list[float]:
+    return [patch.get_height() for patch in axes.patches]  # type: ignore[attr-defined]
+
+
+def test_chart_shows_throughput_costs_lag_and_violations_per_strategy() -> None:
+    """Four panels: updates/s, rebuilds and puts per update, the lag CDF, and G1/G2/G3 counts, each per
+    strategy."""
+    results = [
+        a_result("actor", updates_per_s=900.0, rebuilds_per_update=0.1, puts=80),
+        a_result("cas", updates_per_s=700.0, rebuilds_per_update=1.0, puts=1000),
+    ]
+    speed, cost, lag, violations = chart(results).axes
+    assert [axes.get_title() for axes in (speed, cost, lag, violations)] == list(CHART_TITLES)
+    assert CHART_TITLES == (
+        "throughput (updates/s)",
+        "rebuilds and puts per update",
+        "commit -> visible lag (CDF)",
+        "G1 / G2 / G3 violations",
+    )
+    assert _bar_heights(speed) == [900.0, 700.0]
+    assert _bar_heights(cost) == [0.1, 0.08, 1.0, 1.0]  # rebuilds, then puts, of each strategy
+    assert [line.get_label() for line in lag.get_lines()] == ["actor", "cas"]
+    assert _bar_heights(violations) == [0, 0, 0, 0, 0, 0]
+
+
+def test_chart_marks_a_strategy_that_broke_g1_or_g2_in_every_panel() -> None:
+    """A strategy whose readers saw regressions or torn graphs is named as such on every axis and drawn
+    in red, so its speed cannot pass for a fair win; its violation counts are the bars that stand out."""
+    results = [
+        a_result("actor", updates_per_s=900.0),
+        a_result("naive", updates_per_s=950.0, check=a_report(regressions=3, torn=40)),
+    ]
+    figure = chart(results)
+    speed, cost, lag, violations = figure.axes
+    for axes in (speed, cost, violations):
+        assert [tick.get_text() for tick in axes.get_xticklabels()] == ["actor", "naive\n(broke G1/G2)"]
+    assert [line.get_label() for line in lag.get_lines()] == ["actor", "naive (broke G1/G2)"]
+    safe, broken = speed.patches
+    assert safe.get_facecolor() != broken.get_facecolor()
+    assert broken.get_hatch() == "//"
+    assert sorted(_bar_heights(violations)) == [0, 0, 0, 0, 3, 40]
+    assert "broke G1/G2" in figure.get_suptitle()
+
+
+def test_chart_leaves_puts_out_when_a_report_did_not_count_them() -> None:
+    """Results from before puts were counted (puts=None) show rebuilds only, and nobody is called broken."""
+    figure = chart([a_result("actor"), a_result("cas")])
+    assert len(figure.axes[1].patches) == 2
+    assert figure.get_suptitle() == ""
+
+
 def test_write_chart_without_any_lag_still_writes_a_png(tmp_path: Path) -> None:
     """No lag data at all (e.g. only the 'none' strategy) still gives a chart."""
     path = tmp_path / "empty.png"
@@ -196,9 +247,8 @@ def history(*, regress: bool) -> list[Event]:
 
 
 def run_check(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    check_cli.add_arguments(parser)
-    return check_cli.run(parser.parse_args(argv))
+    """``graphcache check ARGV``, in this process."""
+    return _cli.main(["check", *argv])
 
 
 def test_cli_exits_0_on_a_clean_history_split_over_files(
@@ -246,7 +296,16 @@ def test_cli_reports_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_cli_refuses_negative_examples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--examples below zero exits 2 before reading anything."""
     assert run_check(str(tmp_path / "never-read.jsonl"), "--examples", "-1") == 2
-    assert "--examples must be >= 0" in capsys.readouterr().err
+    assert "argument --examples: must be 0 or more" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_json_report_it_could_not_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json into a missing directory exits 2 before checking anything."""
+    path = record(tmp_path / "h.jsonl", history(regress=False))
+    assert run_check(str(path), "--json", str(tmp_path / "no" / "report.json")) == 2
+    assert capsys.readouterr().err.startswith("graphcache check: argument --json: no directory")
 
 
 def test_run_py_check_exit_status_through_the_real_cli(tmp_path: Path) -> None:

@@ -48,3 +48,24 @@ async def test_bench_store_reports_every_measure_and_drops_its_schema(
         if not name.startswith("feed"):  # these have a baseline measured in the same run
             assert re.search(r"\s\d+\.\d\d\s", line), f"no ratio in {line!r}"
     assert await bench_schemas(postgres_dsn) <= before
+
+
+async def test_a_failed_bench_store_drops_its_schema(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that fails after creating its schema raises its error, and the schema is dropped."""
+    created: list[str] = []
+
+    async def fail_after_creating(args: object, store: object, raw: object, schema: str) -> None:
+        created.append(schema)
+        assert schema in await bench_schemas(postgres_dsn)
+        raise ConnectionResetError("PostgreSQL closed the connection")
+
+    monkeypatch.setattr(_bench_store, "_measure", fail_after_creating)
+    parser = argparse.ArgumentParser()
+    _bench_store.add_arguments(parser)
+    args = parser.parse_args(["--postgres", postgres_dsn, "--concurrency", "1"])
+    with pytest.raises(ConnectionResetError):
+        await _bench_store._main(args)
+    (schema,) = created
+    assert schema not in await bench_schemas(postgres_dsn)
