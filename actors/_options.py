@@ -1,6 +1,6 @@
 """A node's options: frozen msgspec Structs, checked once, by one ``msgspec.convert`` call.
 
-``Node(...)`` gathers its keyword arguments (the signature DESIGN.md and the README show) into a
+``Node(...)`` gathers its keyword arguments (the signature DESIGN.md and docs/node.md show) into a
 ``NodeOptions``; msgspec checks every constraint declared on the fields (types, bounds, finiteness, the
 consistency literal) and the first failure becomes ``InvalidArgument`` naming the option and what it must
 be. The parts of a node take what they need from the one checked object: each ``RootActor`` its
@@ -35,7 +35,7 @@ __all__ = (
 T = TypeVar("T", bound=msgspec.Struct)
 
 DEFAULT_MIN_REBUILD_INTERVAL = 0.1
-"""Seconds between the starts of two rebuilds of one root (see README.md, "Pacing", for the trade-off)."""
+"""Seconds between the starts of two rebuilds of one root (see docs/node.md, "Pacing", for the trade-off)."""
 
 DEFAULT_SWEEP_INTERVAL = 60.0
 """Seconds between two reconcile sweeps (one also runs at start-up)."""

@@ -1,6 +1,6 @@
 """``RedisCache``: ``VersionedCache`` on Redis (single instance or Cluster).
 
-Wire format 2 (documented in README.md, "Wire format (Redis)"), for a cache key ``K`` under namespace
+Wire format 2 (documented in docs/wire-format.md), for a cache key ``K`` under namespace
 ``NS``: ``T = base64url(utf8(K))`` without padding, and all of K's state shares the hash tag ``{T}``::
 
     NS:{T}:e   hash    v = version (decimal), d = value (msgpack), fl = floor (decimal, only while no

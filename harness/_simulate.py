@@ -17,8 +17,8 @@ like theirs (no import of the actor code, so the figure is reproducible on its o
   RootActor          as a cross-check, graphcache's own ``actors.RootActor`` (MemoryStore, MemoryCache),
                      started in a task group and idle; the deployment plan uses this figure
 
-Run it: ``python -m graphcache.harness._simulate --nodes 3,10,100,1000 --roots 100000`` (or ``run.py loadtest
---simulate-ring 3,10,100,1000``).
+Run it: ``python -m graphcache.harness._simulate --nodes 3,10,100,1000 --roots 100000`` (or ``graphcache
+loadtest --simulate-ring 3,10,100,1000``).
 """
 
 from __future__ import annotations
