@@ -516,9 +516,10 @@ class Node:
         except (CacheError, ValueError) as exc:
             logger.warning("cache unavailable for %r, serving the store's graph: %r", root_id, exc)
             return graph
-        if item is not None and item.version > graph.version and item.value.root_id == root_id:
-            newer: Graph = item.value
-            return newer
+        if item is not None and item.version > graph.version:
+            cached: Graph = item.value
+            if cached.root_id == root_id and cached.version == item.version:  # never serve a malformed one
+                return cached
         return graph
 
     # -- notifications -------------------------------------------------------------------------------

@@ -449,6 +449,8 @@ class MemoryCache:
         state = self._state(key)
         if state is None:
             state = self._states[key] = _State(expires)
+        elif state.floor is not None:  # the item implies the floor: it must not end the floor's protection
+            expires = max(expires, state.expires)
         state.data, state.version, state.floor, state.expires = data, version, None, expires
         self._writes += 1
         if self._writes % _SWEEP_EVERY == 0:

@@ -9,7 +9,8 @@ together or not at all (a restart without persistence, an eviction, a failover):
          the floor is implied by it and dropped when an item is stored)
     inc  the key's incarnation: a random 63-bit id set when the hash is created and lost with it
 
-The hash's own expiry is the item's ttl while an item is stored (none: persistent), else the floor's ttl,
+The hash's own expiry is the item's ttl while an item is stored (none: persistent; an item stored over a
+floor keeps at least the floor's remaining ttl), else the floor's ttl,
 else (only an incarnation, taken by a lease) the lease ttl. The lock (``NS:{T}:l``, "<token>:<fence>")
 and the last fence granted (``NS:{T}:c``) are separate keys under the same hash tag: a fence is
 max(last + 1, the server clock in microseconds), so fences never repeat even after the counter is lost.
@@ -98,15 +99,23 @@ local function state(h)
     redis.call('DEL', h)
     return nil, nil, nil
   end
-  local v, fl = got[1], got[2]
+  local v, fl, inc = got[1], got[2], got[3]
   if not valid(v) then v = nil end
   if not valid(fl) then fl = nil end
-  return v, fl, got[3]
+  if not valid(inc) or inc == '0' then inc = nil end  -- a malformed incarnation: the key is new again
+  return v, fl, inc
 end
-local function store(h, v, d, ttl, inc, newinc)
+local function store(h, v, d, ttl, inc, newinc, fl)
+  -- An item stored over a floor keeps the hash alive at least as long as the floor had left: the floor
+  -- is implied by the item, and must not die with a shorter-lived item.
+  local keep = ttl
+  if fl and ttl ~= '' then
+    local pttl = redis.call('PTTL', h)
+    if pttl > tonumber(ttl) then keep = tostring(pttl) end
+  end
   redis.call('HSET', h, 'v', v, 'd', d, 'inc', inc or newinc)
   redis.call('HDEL', h, 'fl')
-  if ttl == '' then redis.call('PERSIST', h) else redis.call('PEXPIRE', h, ttl) end
+  if keep == '' then redis.call('PERSIST', h) else redis.call('PEXPIRE', h, keep) end
 end
 local function set_floor(h, v, fl, inc, newinc, ttl)
   if fl and vlt(v, fl) then v = fl end
@@ -166,7 +175,7 @@ local cur, fl, inc = state(KEYS[1])
 if ARGV[4] ~= '' and inc ~= ARGV[4] then return 2 end
 if cur and not vlt(cur, v) then return 0 end
 if fl and not vlt(fl, v) then return 0 end
-store(KEYS[1], v, ARGV[2], ARGV[3], inc, ARGV[5])
+store(KEYS[1], v, ARGV[2], ARGV[3], inc, ARGV[5], fl)
 return 1
 """,
 )
@@ -189,7 +198,7 @@ local cur, fl, inc = state(KEYS[1])
 if cur then return {2} end
 local v = vnext(fl)
 if not v then return {5} end
-store(KEYS[1], v, ARGV[1], ARGV[2], inc, ARGV[3])
+store(KEYS[1], v, ARGV[1], ARGV[2], inc, ARGV[3], fl)
 return {0, v}
 """,
 )
@@ -203,7 +212,7 @@ local cur, fl, inc = state(KEYS[1])
 if ARGV[3] ~= '' and cur ~= ARGV[3] then return {1, cur or ''} end
 local v = vnext(cur or fl)
 if not v then return {5} end
-store(KEYS[1], v, ARGV[1], ARGV[2], inc, ARGV[5])
+store(KEYS[1], v, ARGV[1], ARGV[2], inc, ARGV[5], fl)
 return {0, v}
 """,
 )
@@ -256,7 +265,7 @@ if redis.call('GET', KEYS[2]) ~= ARGV[3] then return {4} end
 local cur, fl, inc = state(KEYS[1])
 local v = vnext(cur or fl)
 if not v then return {5} end
-store(KEYS[1], v, ARGV[1], ARGV[2], inc, ARGV[4])
+store(KEYS[1], v, ARGV[1], ARGV[2], inc, ARGV[4], fl)
 redis.call('DEL', KEYS[2])
 return {0, v}
 """,

@@ -268,6 +268,7 @@ class _Sidecar:
         self.store: PostgresStore | None = None
         self.cache: RedisCache | None = None
         self.starting: str | None = "starting: connecting to PostgreSQL and Redis"
+        self.stop = anyio.Event()  # set by SIGTERM/SIGINT once the node runs: it then winds down gently
 
     async def problems(self) -> list[str]:
         """Why this sidecar is not ready (empty: ready); probes PostgreSQL and Redis live."""
@@ -335,7 +336,7 @@ async def _serve(args: argparse.Namespace) -> None:
     failure: Exception | None = None
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on_signal, args.node_id, signals, tg.cancel_scope)
+            tg.start_soon(_stop_on_signal, args.node_id, signals, sidecar, tg.cancel_scope)
             try:
                 port = await tg.start(serve_http, args.metrics_host, args.metrics_port, _routes(sidecar))
                 url = f"http://{args.metrics_host}:{port}/metrics"
@@ -351,11 +352,16 @@ async def _serve(args: argparse.Namespace) -> None:
         raise failure
 
 
-async def _stop_on_signal(node_id: str, signals: Any, scope: anyio.CancelScope) -> None:
+async def _stop_on_signal(node_id: str, signals: Any, sidecar: _Sidecar, scope: anyio.CancelScope) -> None:
+    """A running node leaves ``async with`` by itself (in-flight rebuilds get their shutdown grace and the
+    checkpoint is saved); before it runs there is nothing in flight, so start-up is simply cancelled.
+    A second signal cancels at once."""
     async for signum in signals:
         logger.info("node %s: %s received, stopping", node_id, signal.Signals(signum).name)
-        scope.cancel()
-        return
+        if sidecar.node is None or sidecar.stop.is_set():
+            scope.cancel()
+            return
+        sidecar.stop.set()
 
 
 async def _run_node(args: argparse.Namespace, sidecar: _Sidecar, url: str) -> None:
@@ -420,4 +426,4 @@ async def _serve_node(
         sidecar.node = node
         sys.stdout.write(f"graphcache node {args.node_id} ready metrics={url}\n")
         sys.stdout.flush()
-        await anyio.sleep_forever()
+        await sidecar.stop.wait()

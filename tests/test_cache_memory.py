@@ -109,3 +109,16 @@ async def test_the_expiry_of_an_item_or_a_floor_ends_the_keys_incarnation() -> N
     assert await cache.put_if_newer("floor", "old", 2) is True  # the floor (and everything) expired
     assert await cache.put_if_newer("floor", "newer", 3, lease=floor_lease) is False
     assert cache.statistics() == MemoryCacheStatistics(items=1, floors=0, locks=0, lock_waiters=0, poisoned=0)
+
+
+@pytest.mark.anyio
+async def test_an_item_with_a_short_ttl_over_a_floor_keeps_the_floors_protection() -> None:
+    """invalidate(10, ttl=60), then an item at 11 with ttl 1: after 30 s the key still refuses version 9."""
+    clock = FakeClock()
+    cache = MemoryCache(clock=clock)
+    await cache.invalidate("k", 10, ttl=60)
+    assert await cache.put_if_newer("k", "eleven", 11, ttl=1)
+    clock.now += 30
+    assert await cache.put_if_newer("k", "nine", 9) is False
+    clock.now += 31
+    assert await cache.put_if_newer("k", "nine", 9) is True  # the floor's 60 s are over

@@ -486,3 +486,29 @@ async def test_get_many_reads_every_key_in_one_pipeline_and_maps_a_failed_reply(
     with pytest.raises(CacheUnavailable) as caught:
         await cache.get_many(["a", "b"])
     assert isinstance(caught.value.__cause__, RedisConnectionError)
+
+
+async def test_an_item_with_a_short_ttl_over_a_floor_keeps_the_floors_expiry(backend: Backend) -> None:
+    """An item stored over a floor with a shorter ttl keeps the entry alive as long as the floor had left,
+    so the floor's protection never ends early (the hash's PTTL stays near the floor's 60 s)."""
+    assert backend.raw is not None
+    entry = _wire_key(backend.namespace, "k", "e")
+    await backend.cache.invalidate("k", 10, ttl=60)
+    assert await backend.cache.put_if_newer("k", "eleven", 11, ttl=1)
+    assert await backend.raw.pttl(entry) > 50_000
+    assert await backend.cache.put_if_newer("k", "twelve", 12, ttl=1)  # no floor any more: its own ttl
+    assert 0 < await backend.raw.pttl(entry) <= 1_000
+
+
+@pytest.mark.parametrize("inc", [b"not-a-number", b"", b"0", b"-5", b"99999999999999999999"])
+async def test_a_malformed_incarnation_is_replaced_not_served(backend: Backend, inc: bytes) -> None:
+    """A malformed inc field never escapes as a ValueError: lease() gives a fresh incarnation, a leased put
+    with it stores, and a lease taken before stays refused."""
+    assert backend.raw is not None
+    entry = _wire_key(backend.namespace, "k", "e")
+    await backend.raw.hset(entry, mapping={b"v": b"3", b"d": msgspec.msgpack.encode("three"), b"inc": inc})
+    lease = await backend.cache.lease("k")
+    assert 1 <= lease <= 2**63 - 1
+    assert await backend.cache.lease_many(["k"]) == [lease]
+    assert await backend.cache.put_if_newer("k", "four", 4, lease=lease)
+    assert await backend.cache.get("k") == CacheItem("k", "four", 4)
