@@ -10,8 +10,7 @@
     └── InvalidArgument         (also ValueError) a bad root id, version, timeout or option; raised before
         │                       any I/O
         ├── InvalidNodeId, InvalidRingConfig      (``_ring.py``)
-        ├── InvalidMembershipConfig               (``_membership.py``)
-        └── InvalidPort                           (``graphcache.sidecar``)
+        └── InvalidMembershipConfig               (``_membership.py``)
 
 Errors of the store and the cache (``storage.StoreError``, ``cache.CacheError``) pass through ``get`` and
 ``apply`` unchanged: they are already mapped at their own seams.

@@ -139,19 +139,19 @@ def serve_argv(env: Env, node_id: str) -> list[str]:
     return [
         sys.executable, "-m", "graphcache", "serve", "--redis", str(config.redis),
         "--postgres", str(config.postgres), "--namespace", env.namespace, "--schema", env.schema,
-        "--node-id", node_id, "--membership", "redis", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+        "--node-id", node_id, "--membership", "redis", "--host", "127.0.0.1", "--port", "0",
         "--min-rebuild-interval", str(config.min_rebuild_interval), "--ttl", str(NODE_TTL),
         "--heartbeat", str(NODE_HEARTBEAT),
     ]  # fmt: skip
 
 
 def _metrics_url(node: Child) -> str:
-    """Where a sidecar's /metrics is: its ready line says ``... ready metrics=http://HOST:PORT/metrics``."""
-    _, found, url = node.ready_line.partition("metrics=")
-    url = url.strip()
-    if not found or not url.startswith("http://"):
-        raise CommandError(f"{node.name} did not say where its metrics are: {node.ready_line!r}")
-    return url
+    """Where a sidecar's /metrics is: its ready line says ``graphcache node ID ready http://HOST:PORT``."""
+    _, found, rest = node.ready_line.partition(" ready ")
+    base = rest.strip().rstrip("/")
+    if not found or not base.startswith("http://") or " " in base:
+        raise CommandError(f"{node.name} did not say where it serves: {node.ready_line!r}")
+    return base + "/metrics"
 
 
 def _get(url: str) -> str:

@@ -1,6 +1,6 @@
-"""graphcache.sidecar: the ``serve`` process beside a service in any language, and its HTTP endpoint."""
+"""graphcache.sidecar: the ``serve`` process beside a service in any language, and its HTTP API."""
 
-from ._http import InvalidPort, Route, serve_http
+from ._api import build_app, openapi_document
 from ._metrics import NodeCollector, metrics_registry, render_metrics
 
-__all__ = ("InvalidPort", "NodeCollector", "Route", "metrics_registry", "render_metrics", "serve_http")
+__all__ = ("NodeCollector", "build_app", "metrics_registry", "openapi_document", "render_metrics")

@@ -1,19 +1,22 @@
 """Run one graphcache node (the sidecar): it follows the PostgreSQL change feed, keeps the graphs of the
-roots it owns cached in Redis, and serves Prometheus /metrics, /healthz (alive) and /readyz (following the
-feed, membership joined, Redis and PostgreSQL reachable: 200, or 503 with the reasons). Nodes find each
-other through heartbeats in Redis (--membership redis). Every option can also come from the environment
-variable shown in brackets.
+roots it owns cached in Redis, and serves an HTTP API (Starlette on uvicorn): GET /v1/graphs/ROOT_ID,
+POST /v1/graphs/ROOT_ID/refresh, Prometheus /metrics, /healthz (alive), /readyz (following the feed,
+membership joined, Redis and PostgreSQL reachable: 200, or 503 with the reasons) and /openapi.json.
+Nodes find each other through heartbeats in Redis (--membership redis). Every option can also come from
+the environment variable shown in brackets.
 
 It keeps running through outages: PostgreSQL or Redis down, restarted or failing over is retried with
 capped backoff and shown by /readyz and /metrics. Only SIGTERM/SIGINT (exit 0), a bad option (exit 2),
-servers still unreachable --startup-timeout seconds after start-up or a metrics address that cannot be
+servers still unreachable --startup-timeout seconds after start-up or an HTTP address that cannot be
 bound (exit 1, one line naming the flag) end it. Once the node runs, it writes one line to stdout:
-"graphcache node NODE_ID ready metrics=http://HOST:PORT/metrics".
+"graphcache node NODE_ID ready http://HOST:PORT".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -22,11 +25,12 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
 import anyio.abc
+import uvicorn
 
 from .._cli import (
     UsageError,
@@ -56,15 +60,11 @@ from ..actors import (
 )
 from ..cache import CacheError, RedisCache
 from ..storage import InvalidOperation, PostgresStore, StoreError
-from ._http import serve_http
-from ._metrics import metrics_registry, render_metrics
+from ._api import build_app
 
 __all__ = ("add_arguments", "run")
 
 logger = logging.getLogger(__name__)
-
-_TEXT = "text/plain; charset=utf-8"
-_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _FromEnvironment(str):
@@ -99,7 +99,7 @@ def _checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def _option(
     parser: argparse.ArgumentParser,
-    flag: str,
+    flag: str | tuple[str, ...],
     env: str,
     default: str,
     help_text: str,
@@ -111,8 +111,9 @@ def _option(
     """A flag whose default comes from GRAPHCACHE_<env>; the value (either way) is checked by ``convert``."""
     value = _default(env, default)
     shown = redact(value).replace("%", "%%") if secret else "%(default)s"  # never print a password
+    flags = (flag,) if isinstance(flag, str) else flag
     parser.add_argument(
-        flag,
+        *flags,
         default=value,  # a string: argparse converts (and so checks) it with ``type`` like a typed flag
         type=_checked(convert),
         metavar=metavar,
@@ -182,12 +183,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         convert=seconds_or_zero, metavar="SECONDS",
     )  # fmt: skip
     _option(
-        parser, "--metrics-host", "METRICS_HOST", "127.0.0.1", "address of /metrics, /healthz, /readyz",
+        parser, ("--host", "--metrics-host"), "HOST", "127.0.0.1",
+        "address of the HTTP API, /metrics, /healthz, /readyz (not loopback: needs --api-token);"
+        " --metrics-host is a deprecated alias",
         convert=non_blank, metavar="HOST",
     )  # fmt: skip
     _option(
-        parser, "--metrics-port", "METRICS_PORT", "9464", "port of /metrics, /healthz, /readyz (0: any)",
-        convert=port, metavar="PORT",
+        parser, ("--port", "--metrics-port"), "PORT", "9464",
+        "port of the HTTP API (0: any); --metrics-port is a deprecated alias", convert=port, metavar="PORT",
+    )  # fmt: skip
+    parser.add_argument(
+        "--api-token",
+        default=_default("API_TOKEN", ""),
+        type=_checked(_token),
+        metavar="TOKEN",
+        help="bearer token every /v1/ request must carry (default: none; never printed)"
+        " [env GRAPHCACHE_API_TOKEN]",
+    )
+    _option(
+        parser, "--read-timeout", "READ_TIMEOUT", "10",
+        "seconds a GET /v1/graphs/ROOT_ID may take before it answers 504", convert=seconds, metavar="SECONDS",
     )  # fmt: skip
     _option(
         parser, "--log-level", "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR",
@@ -197,6 +212,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "--log-format", "LOG_FORMAT", "text", "text or json (one object per line)",
         convert=choice("text", "json"), metavar="{text,json}",
     )  # fmt: skip
+
+
+def _token(text: str) -> str:
+    """An API token: empty (none) or printable ASCII without spaces."""
+    if text and not (text.isascii() and text.isprintable() and " " not in text):
+        raise argparse.ArgumentTypeError("must be printable ASCII without spaces")
+    return text
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _JsonFormatter(logging.Formatter):
@@ -235,6 +266,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.ttl > args.heartbeat:
         # A member would drop out of its siblings' views between two of its own heartbeats.
         raise UsageError(f"--ttl ({args.ttl:g}s) must be longer than --heartbeat ({args.heartbeat:g}s)")
+    if not args.api_token and not _is_loopback(args.host):
+        raise UsageError(
+            f"--host {args.host} is not a loopback address: set --api-token (GRAPHCACHE_API_TOKEN) so the"
+            " graphs are not open to the network"
+        )
     _configure_logging(args.log_level, args.log_format, args.node_id)
     try:
         anyio.run(_serve, args)
@@ -250,7 +286,7 @@ def _blamed_flags(exc: Exception) -> str:
         return "--postgres"
     if isinstance(exc, CacheError):
         return "--redis"
-    return "--metrics-host, --metrics-port"
+    return "--host, --port"
 
 
 def _membership(args: argparse.Namespace) -> Membership:
@@ -295,25 +331,6 @@ class _Sidecar:
 _PROBE_TIMEOUT = 2.0
 
 
-def _routes(sidecar: _Sidecar) -> dict[str, Callable[[], Any]]:
-    async def metrics() -> tuple[int, str, bytes]:
-        if sidecar.node is None:
-            return 200, _PROMETHEUS, b""
-        registry = metrics_registry(sidecar.node, membership=sidecar.membership)
-        return 200, _PROMETHEUS, render_metrics(registry)
-
-    async def healthz() -> tuple[int, str, bytes]:
-        return 200, _TEXT, b"ok\n"  # alive: outages are /readyz's business, never a reason to restart
-
-    async def readyz() -> tuple[int, str, bytes]:
-        problems = await sidecar.problems()
-        if problems:
-            return 503, _TEXT, "".join(f"{line}\n" for line in problems).encode()
-        return 200, _TEXT, b"ready\n"
-
-    return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
-
-
 _FEED_POLL_FLOOR = 0.01
 _FEED_POLL_CEILING = 0.25
 """The sidecar's feed polls start between 10 ms and 250 ms (the store's idle poll interval) apart."""
@@ -337,19 +354,77 @@ async def _serve(args: argparse.Namespace) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, args.node_id, signals, sidecar, tg.cancel_scope)
+            server: _Server | None = None
             try:
-                port = await tg.start(serve_http, args.metrics_host, args.metrics_port, _routes(sidecar))
-                url = f"http://{args.metrics_host}:{port}/metrics"
-                await _run_node(args, sidecar, url)
+                server, port = await _start_http(args, sidecar, tg)
+                host = f"[{args.host}]" if ":" in args.host else args.host
+                await _run_node(args, sidecar, f"http://{host}:{port}")
             except (StoreError, CacheError) as exc:  # raised outside the task group: not as a group
                 failure = exc
             except OSError as exc:  # the HTTP port is taken or the address is not this host's
-                where = f"{args.metrics_host}:{args.metrics_port}"
+                where = f"{args.host}:{args.port}"
                 failure = OSError(f"cannot listen on {where}: {exc.strerror or exc}")
             finally:
+                if server is not None:  # finish the requests in flight, briefly
+                    server.should_exit = True
+                    with anyio.move_on_after(_HTTP_GRACE + 1, shield=True):
+                        await server.finished.wait()
                 tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+_HTTP_GRACE = 5
+"""Seconds the HTTP server gives requests in flight at shutdown."""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the sidecar's anyio signal receiver owns SIGTERM/SIGINT."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.finished = anyio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0: any free port), or OSError: bound before uvicorn starts, so
+    a taken port is one clear error instead of uvicorn's exit."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    try:
+        return socket.create_server(address[:2], family=family)
+    except OSError as exc:  # create_server adds "(while attempting to bind on address ...)": said already
+        raise OSError(exc.errno, os.strerror(exc.errno) if exc.errno else str(exc)) from None
+
+
+async def _start_http(
+    args: argparse.Namespace, sidecar: _Sidecar, tg: anyio.abc.TaskGroup
+) -> tuple[_Server, int]:
+    """Start uvicorn in ``tg``: (the server, its bound port) once it accepts connections."""
+    app = build_app(sidecar, read_timeout=args.read_timeout, api_token=args.api_token or None)
+    config = uvicorn.Config(
+        app, log_config=None, lifespan="off", access_log=False, timeout_graceful_shutdown=_HTTP_GRACE
+    )
+    server = _Server(config)
+    sock = _bind(args.host, args.port)
+
+    async def serve() -> None:
+        try:
+            await server.serve([sock])
+        finally:
+            sock.close()
+            server.finished.set()
+
+    tg.start_soon(serve)
+    while not server.started:
+        if server.finished.is_set():
+            raise OSError("the HTTP server stopped at start-up (see the log)")
+        await anyio.sleep(0.01)
+    port: int = server.servers[0].sockets[0].getsockname()[1]
+    return server, port
 
 
 async def _stop_on_signal(node_id: str, signals: Any, sidecar: _Sidecar, scope: anyio.CancelScope) -> None:
@@ -424,6 +499,6 @@ async def _serve_node(
     )
     async with node:
         sidecar.node = node
-        sys.stdout.write(f"graphcache node {args.node_id} ready metrics={url}\n")
+        sys.stdout.write(f"graphcache node {args.node_id} ready {url}\n")
         sys.stdout.flush()
         await sidecar.stop.wait()

@@ -16,16 +16,17 @@ import anyio.abc
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
-READY = re.compile(rb"graphcache node (\S+) ready metrics=(\S+)")
+READY = re.compile(rb"graphcache node (\S+) ready (http://\S+)")
 
 
 class Sidecar:
     """A running ``run.py serve`` process."""
 
-    def __init__(self, process: anyio.abc.Process, node_id: str, metrics_url: str, log: Path) -> None:
+    def __init__(self, process: anyio.abc.Process, node_id: str, base_url: str, log: Path) -> None:
         self.process = process
         self.node_id = node_id
-        self.metrics_url = metrics_url
+        self.base_url = base_url
+        self.metrics_url = base_url + "/metrics"
         self.log = log
 
     async def metrics(self) -> dict[str, float]:
@@ -75,7 +76,7 @@ def serve_command(node_id: str, servers: Servers, extra: list[str]) -> list[str]
         sys.executable, str(ROOT_DIR / "run.py"), "serve",
         "--redis", servers.redis_url, "--postgres", servers.dsn,
         "--namespace", servers.namespace, "--schema", servers.schema,
-        "--node-id", node_id, "--metrics-port", "0", *extra,
+        "--node-id", node_id, "--port", "0", *extra,
     ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from tests.conftest import POSTGRES_DSN, REDIS_URL
 DOWN_REDIS = "redis://127.0.0.1:1/0"
 DOWN_POSTGRES = "postgresql://postgres@127.0.0.1:1/postgres"
 SECRET = "s3cret-pw"
-SERVE_QUICKLY = ["--startup-timeout", "0.5", "--membership", "static", "--metrics-port", "0"]
+SERVE_QUICKLY = ["--startup-timeout", "0.5", "--membership", "static", "--port", "0"]
 
 
 class Case(NamedTuple):
@@ -56,7 +56,10 @@ def cases(files: dict[str, str], taken_port: int) -> list[Case]:
         Case("serve-ttl-below-heartbeat", ["serve", "--ttl", "1", "--heartbeat", "2"], 2, "--ttl"),
         Case("serve-empty-node-id", ["serve", "--node-id", ""], 2, "--node-id"),
         Case("serve-loud-log-level", ["serve", "--log-level", "LOUD"], 2, "--log-level"),
-        Case("serve-port-out-of-range", ["serve", "--metrics-port", "70000"], 2, "--metrics-port"),
+        Case("serve-port-out-of-range", ["serve", "--port", "70000"], 2, "--port"),
+        Case("serve-deprecated-port-alias", ["serve", "--metrics-port", "70000"], 2, "--metrics-port"),
+        Case("serve-zero-read-timeout", ["serve", "--read-timeout", "0"], 2, "--read-timeout"),
+        Case("serve-open-host-without-token", ["serve", "--host", "192.0.2.1"], 2, "--api-token"),
         Case("serve-schema-not-an-identifier", ["serve", "--schema", "drop table"], 2, "--schema"),
         Case("serve-bad-ttl-from-environment", ["serve"], 2, "GRAPHCACHE_TTL", (("GRAPHCACHE_TTL", "-1"),)),
         Case(
@@ -71,9 +74,9 @@ def cases(files: dict[str, str], taken_port: int) -> list[Case]:
         ),
         Case(
             "serve-port-in-use",
-            ["serve", *SERVE_QUICKLY, "--metrics-port", str(taken_port), "--postgres", DOWN_POSTGRES],
+            ["serve", *SERVE_QUICKLY, "--port", str(taken_port), "--postgres", DOWN_POSTGRES],
             1,
-            "--metrics-port",
+            "--port",
         ),
         Case(
             "serve-postgres-down",

@@ -224,7 +224,7 @@ def test_a_sidecar_page_is_fetched_with_a_plain_http_get() -> None:
         try:
             port = server.server_address[1]
             node = SimpleNamespace(
-                name="node-0", ready_line=f"graphcache node n ready metrics=http://127.0.0.1:{port}/metrics"
+                name="node-0", ready_line=f"graphcache node n ready http://127.0.0.1:{port}"
             )
             page = anyio.run(scrape, node)
         finally:

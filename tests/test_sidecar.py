@@ -34,8 +34,10 @@ OPTIONS = {
     "--min-rebuild-interval": "MIN_REBUILD_INTERVAL",
     "--sweep-interval": "SWEEP_INTERVAL",
     "--startup-timeout": "STARTUP_TIMEOUT",
-    "--metrics-host": "METRICS_HOST",
-    "--metrics-port": "METRICS_PORT",
+    "--host": "HOST",
+    "--port": "PORT",
+    "--api-token": "API_TOKEN",
+    "--read-timeout": "READ_TIMEOUT",
     "--log-level": "LOG_LEVEL",
     "--log-format": "LOG_FORMAT",
 }
@@ -148,7 +150,7 @@ async def test_unreachable_server_exits_1_with_the_reason(
     """With PostgreSQL or Redis unreachable, serve retries until --startup-timeout, then exits 1 naming the
     address, without a traceback."""
     command = [
-        sys.executable, str(ROOT_DIR / "run.py"), "serve", "--membership", "static", "--metrics-port", "0",
+        sys.executable, str(ROOT_DIR / "run.py"), "serve", "--membership", "static", "--port", "0",
         "--postgres", postgres_dsn, "--schema", pg_schema, "--startup-timeout", "1", *where,
     ]  # fmt: skip
     result = await anyio.run_process(command, check=False, cwd=ROOT_DIR)
@@ -169,7 +171,7 @@ async def test_a_taken_port_exits_1_with_one_line(postgres_dsn: str, pg_schema: 
         port = taken.getsockname()[1]
         command = [
             sys.executable, str(ROOT_DIR / "run.py"), "serve", "--membership", "static",
-            "--metrics-port", str(port), "--postgres", postgres_dsn, "--schema", pg_schema,
+            "--port", str(port), "--postgres", postgres_dsn, "--schema", pg_schema,
         ]  # fmt: skip
         result = await anyio.run_process(command, check=False, cwd=ROOT_DIR)
     stderr = result.stderr.decode()
