@@ -7,6 +7,7 @@ joined with ``redis-cli --cluster create``, torn down at the end of the run.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
@@ -21,7 +22,7 @@ import redis
 
 from tests._servers import redis_server_binary
 
-__all__ = ("PrivateRedis", "RedisClusterServers", "private_redis", "redis_cluster")
+__all__ = ("PrivateRedis", "RedisClusterServers", "private_redis", "redis_cluster", "running_cluster")
 
 _START_DEADLINE = 20.0
 
@@ -164,15 +165,22 @@ def private_redis() -> Iterator[PrivateRedis]:
             server.stop()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisClusterServers]:
-    """A private 3-master Redis Cluster for the whole run."""
+@contextlib.contextmanager
+def running_cluster(prefix: str) -> Iterator[RedisClusterServers]:
+    """Three cluster-enabled masters in a temp dir named ``prefix...``, stopped however the block ends."""
     if shutil.which("redis-cli") is None:
         pytest.fail("redis-cli not found on PATH: install redis-tools", pytrace=False)
-    with tempfile.TemporaryDirectory(prefix="gc-redis-cluster-") as directory:
+    with tempfile.TemporaryDirectory(prefix=prefix) as directory:
         cluster = RedisClusterServers(Path(directory))
         try:
             cluster.start()
             yield cluster
         finally:
             cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A private 3-master Redis Cluster for the whole run."""
+    with running_cluster("gc-redis-cluster-") as cluster:
+        yield cluster

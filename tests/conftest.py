@@ -18,6 +18,7 @@ import redis
 from tests._pg_servers import *  # noqa: F403  (fixtures)
 from tests._redis_servers import *  # noqa: F403  (fixtures)
 from tests._servers import require_binaries
+from tests._shared_fixtures import *  # noqa: F403  (fixtures)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -13,18 +13,12 @@ from anyio.abc import Process
 
 from graphcache.cache import CacheItem, VersionedCache
 from tests._bank_worker import run_tasks
-from tests._cache_backends import BACKENDS, Backend, open_backend
+from tests._cache_backends import Backend, open_backend
 
 pytestmark = pytest.mark.anyio
 
 WRITERS = 200
 READERS = 8
-
-
-@pytest.fixture(params=BACKENDS)
-async def backend(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Backend]:
-    async for opened in open_backend(request.param, request, namespace):
-        yield opened
 
 
 async def test_racing_put_if_newer_keeps_the_max_and_readers_never_go_back(backend: Backend) -> None:

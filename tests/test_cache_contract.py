@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -27,23 +27,12 @@ from graphcache.cache import (
     VersionedCache,
     VersionMismatch,
 )
-from tests._cache_backends import BACKENDS, SMALL_LIMIT, Backend, open_backend
+from tests._cache_backends import SMALL_LIMIT, Backend
 
 pytestmark = pytest.mark.anyio
 
 MAX = 2**63 - 1
 BIG = 2**53  # above it, a Lua double can no longer tell n from n + 1
-
-
-@pytest.fixture(params=BACKENDS)
-async def backend(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Backend]:
-    async for opened in open_backend(request.param, request, namespace):
-        yield opened
-
-
-@pytest.fixture
-def cache(backend: Backend) -> VersionedCache:
-    return backend.cache
 
 
 class Point(msgspec.Struct, frozen=True):

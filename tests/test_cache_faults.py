@@ -23,7 +23,7 @@ import redis
 from redis.asyncio import Redis, RedisCluster
 
 from graphcache.cache import CacheError, CacheItem, CacheUnavailable, RedisCache
-from tests._redis_servers import PrivateRedis, RedisClusterServers
+from tests._redis_servers import PrivateRedis, RedisClusterServers, running_cluster
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 
@@ -377,13 +377,8 @@ async def test_g1_and_leases_hold_while_redis_evicts(policy: str) -> None:
 @pytest.fixture(scope="module")
 def fault_cluster() -> Iterator[RedisClusterServers]:
     """A private 3-master Cluster for this module only (its nodes get killed), stopped even on failure."""
-    with tempfile.TemporaryDirectory(prefix="gc-fault-cluster-") as directory:
-        cluster = RedisClusterServers(Path(directory))
-        try:
-            cluster.start()
-            yield cluster
-        finally:
-            cluster.stop()
+    with running_cluster("gc-fault-cluster-") as cluster:
+        yield cluster
 
 
 CLUSTER_KEYS = [f"graph:{i}" for i in range(60)]

@@ -4,7 +4,7 @@ that MemoryCache, RedisCache and a reference model agree on every result of rand
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,23 +25,12 @@ from graphcache.cache import (
     VersionedCache,
     VersionMismatch,
 )
-from tests._cache_backends import BACKENDS, Backend, OffsetClock, open_backend
+from tests._cache_backends import Backend, OffsetClock
 from tests._redis_servers import PrivateRedis, RedisClusterServers
 
 MAX = 2**63 - 1
 TTL = 60.0
 """Every key these tests lose has a ttl, so MemoryCache can lose it by expiry (``Backend.lose``)."""
-
-
-@pytest.fixture(params=BACKENDS)
-async def backend(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Backend]:
-    async for opened in open_backend(request.param, request, namespace):
-        yield opened
-
-
-@pytest.fixture
-def cache(backend: Backend) -> VersionedCache:
-    return backend.cache
 
 
 # -- the lease contract ------------------------------------------------------------------------------

@@ -4,41 +4,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from graphcache.storage import PostgresStore, Upsert
+from graphcache.storage import Upsert
 from graphcache.storage._schema import SCHEMA_VERSION
+from tests._shared_fixtures import Connect
 
 pytestmark = pytest.mark.anyio
-
-Connect = Callable[..., Awaitable[PostgresStore]]
-
-
-@pytest.fixture
-async def connect(postgres_dsn: str, pg_schema: str) -> AsyncIterator[Connect]:
-    """Open PostgresStores on this test's schema; all are closed afterwards."""
-    opened: list[PostgresStore] = []
-
-    async def open_store(**options: Any) -> PostgresStore:
-        store = await PostgresStore.connect(postgres_dsn, pg_schema, **options)
-        opened.append(store)
-        return store
-
-    yield open_store
-    for store in opened:
-        await store.aclose()
-
-
-@pytest.fixture
-async def raw(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain asyncpg connection to the shared server."""
-    conn = await asyncpg.connect(postgres_dsn)
-    yield conn
-    await conn.close()
 
 
 async def test_a_checkpoint_survives_closing_and_reconnecting(connect: Connect) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -16,35 +16,10 @@ import pytest
 from graphcache.storage import Change, PostgresStore, StoreUnavailable, Upsert
 from graphcache.storage._postgres import _poll_upper_bound
 from graphcache.storage._schema import SCHEMA_VERSION
+from tests._shared_fixtures import Connect
 from tests.test_store_contract import collect_until, writer_on_own_root
 
 pytestmark = pytest.mark.anyio
-
-Connect = Callable[..., Awaitable[PostgresStore]]
-
-
-@pytest.fixture
-async def connect(postgres_dsn: str, pg_schema: str) -> AsyncIterator[Connect]:
-    """Open PostgresStores on this test's schema; all are closed afterwards."""
-    opened: list[PostgresStore] = []
-
-    async def open_store(**options: Any) -> PostgresStore:
-        options.setdefault("poll_interval", 0.1)
-        store = await PostgresStore.connect(postgres_dsn, pg_schema, **options)
-        opened.append(store)
-        return store
-
-    yield open_store
-    for store in opened:
-        await store.aclose()
-
-
-@pytest.fixture
-async def raw(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain asyncpg connection to the shared server."""
-    conn = await asyncpg.connect(postgres_dsn)
-    yield conn
-    await conn.close()
 
 
 async def outbox_xids(raw: asyncpg.Connection, schema: str) -> dict[tuple[str, int], int]:
