@@ -186,36 +186,33 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"want a whole number, got {text!r}") from None
 
 
+def _non_negative(text: str, *, zero: bool, what: str) -> float:
+    """A finite number above 0 (or 0 too, with ``zero``); ``what`` names it in the message."""
+    value = _float(text)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        lowest = "0 or a positive" if zero else "a positive"
+        raise argparse.ArgumentTypeError(f"must be {lowest} {what}, got {text!r}")
+    return value
+
+
 def seconds(text: str) -> float:
     """A positive, finite number of seconds."""
-    value = _float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
+    return _non_negative(text, zero=False, what="number of seconds")
 
 
 def seconds_or_zero(text: str) -> float:
     """A finite number of seconds, 0 or more."""
-    value = _float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of seconds, got {text!r}")
-    return value
+    return _non_negative(text, zero=True, what="number of seconds")
 
 
 def number(text: str) -> float:
     """A positive, finite number."""
-    value = _float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+    return _non_negative(text, zero=False, what="number")
 
 
 def number_or_zero(text: str) -> float:
     """A finite number, 0 or more."""
-    value = _float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text!r}")
-    return value
+    return _non_negative(text, zero=True, what="number")
 
 
 def count(text: str) -> int:
