@@ -27,7 +27,7 @@ from anyio import WouldBlock
 from tenacity import RetryCallState
 
 from ..cache import VersionedCache
-from ..storage import GraphStore
+from ..storage import GraphStore, RootNotFound
 from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument
 from ._messages import Changed, Message, Refresh, Stop
@@ -301,7 +301,13 @@ class RootActor:
 
     async def _rebuild_once(self, target: int, since: float | None) -> None:
         started = time.monotonic()
-        graph, stored = await self._rebuilder.rebuild(self.root_id)
+        try:
+            graph, stored = await self._rebuilder.rebuild(self.root_id)
+        except RootNotFound as exc:
+            if exc.version is None:  # the store never had it: nothing cached to take back
+                raise
+            await self._forget(exc.version)
+            return
         self._counters.rebuild_seconds.observe(time.monotonic() - started)
         self._rebuilds += 1
         self._counters.rebuilds += 1
@@ -319,6 +325,14 @@ class RootActor:
                 target,
             )
         self._set_built(max(graph.version, target))
+
+    async def _forget(self, version: int) -> None:
+        """The root's row is gone (deleted at ``version``, or a loader found no rows at it): remove the
+        cached graph and floor its key at that version, so no older rebuild puts it back; count it built."""
+        await self._rebuilder.forget(self.root_id, version)
+        self._counters.roots_forgotten += 1
+        logger.info("root %r has no row at version %d: its cached graph is removed", self.root_id, version)
+        self._set_built(version)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 

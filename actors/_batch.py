@@ -161,6 +161,11 @@ class Rebuilder:
                 self._open = None
             batch.done.set()
 
+    async def forget(self, root_id: str, version: int) -> None:
+        """Remove ``root_id``'s cached graph and refuse every later put at ``version`` or below (its row
+        was deleted at ``version``); the floor lasts the cache's default invalidation ttl."""
+        await self._cache.invalidate(graph_key(root_id), version)
+
     # -- leases ----------------------------------------------------------------------------------------
 
     async def lease(self, root_id: str) -> int:
@@ -235,7 +240,12 @@ class Rebuilder:
             found = await self._load_many(root_ids)
         else:
             found = await self._load_each(batch, root_ids)
-        for root_id in root_ids:
+        missing = [r for r in root_ids if r not in found and r not in batch.errors]
+        if missing and self._load_many is not None:
+            # Rare: ask each missing root on its own, for the store's precise error (a deleted root's
+            # RootNotFound carries the version its deletion committed) or a graph committed meanwhile.
+            found.update(await self._load_each(batch, missing))
+        for root_id in missing:
             if root_id not in found and root_id not in batch.errors:
                 batch.errors[root_id] = RootNotFound(f"root {root_id!r} not found")
         return [found[root_id] for root_id in root_ids if root_id in found]

@@ -376,6 +376,7 @@ class Node:
             rebuild_seconds=c.rebuild_seconds.snapshot(),
             poisoned=c.poisoned + _cache_poisoned(self._cache),
             keys_recreated=c.keys_recreated,
+            roots_forgotten=c.roots_forgotten,
             sweeps=c.sweeps,
             sweep_failures=c.sweep_failures,
             roots_owned=c.roots_owned,

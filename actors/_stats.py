@@ -78,6 +78,7 @@ class Counters:
         "rebuilds",
         "rewinds",
         "roots_behind",
+        "roots_forgotten",
         "roots_owned",
         "roots_uncached",
         "sweep_failing",
@@ -99,6 +100,7 @@ class Counters:
         # The rebuilder's
         self.rebuild_batches = 0
         self.keys_recreated = 0
+        self.roots_forgotten = 0
         # The node's: reads, the feed
         self.reads = 0
         self.read_hits = 0
@@ -167,6 +169,8 @@ class NodeStatistics(NamedTuple):
     """Malformed cached entries found (by readers of this node and by its cache): served as misses."""
     keys_recreated: int = 0
     """Leased puts refused because the cache had lost the key meanwhile (each rebuilt under a new lease)."""
+    roots_forgotten: int = 0
+    """Rebuilds that found the root's row gone: the cached graph was removed and its key floored."""
     sweeps: int = 0
     """Reconcile sweeps finished."""
     sweep_failures: int = 0

@@ -5,8 +5,9 @@ It reads a history (see ``_history.py``) in one pass, grouping events per root, 
   G1  a read that began after another read of the same root had ended must not return an older version.
       Reads that overlap in time may return versions in any order; absent reads carry no version.
   G2  a read stamped with version v must hash like the committed graph at v. The committed graphs are
-      rebuilt by replaying each root's create and write-ok ``ops`` in version order; from the first version
-      whose commit is unknown (a write with outcome "info"), reads are ``unjudged``.
+      rebuilt by replaying each root's create and write-ok ``ops`` in version order, or taken from a
+      write-ok ``hash`` recorded without ops (the whole graph as its writer's transaction left it); from
+      the first version whose commit is unknown (a write with outcome "info"), reads are ``unjudged``.
   G3  the last read of a root that began after its ``final`` event must return the final version
       (absent counts apart: an invalidated key is allowed).
   lag from each write's ok to the end of the first read that began after it and saw that version or newer.
@@ -283,11 +284,20 @@ def _torn_detail(root_id: str, root: _Root, read: _Read, expected: str, tally: _
 
 def _committed_hashes(root_id: str, root: _Root, wanted: set[int] | None) -> dict[int, str]:
     """Replay versions 1, 2, ... while each is known; hash the state at ``wanted`` versions (None: all)."""
-    rows: dict[str, tuple[str | None, dict[str, Any]]] = {}
+    rows: dict[str, tuple[str | None, dict[str, Any]]] | None = {}  # None: known by hash only
     hashes: dict[int, str] = {}
     version = 1
     while (commit := root.commits.get(version)) is not None and version not in root.ambiguous:
         if commit.ops is None:
+            if commit.hash is None:
+                break
+            # A commit recorded as the hash of the whole graph it left (writers of plain SQL read it
+            # inside their transaction); later versions need their own hash too.
+            hashes[version] = commit.hash
+            rows = None
+            version += 1
+            continue
+        if rows is None:
             break
         _apply(rows, _decode_ops(root_id, version, commit.ops))
         if wanted is None or version in wanted or commit.hash is not None:

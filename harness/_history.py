@@ -10,7 +10,9 @@ One JSON object per line. ``time`` is ``time.monotonic()``, which on Linux is on
   root      root id
   version   create/write ok: the committed version; read ok: the cached version (None if absent);
             rebuild ok: the version written; final: the committed version
-  hash      read ok: graph_hash of the cached graph; create ok: graph_hash of the initial graph
+  hash      read ok: graph_hash of the cached graph; create ok: graph_hash of the initial graph;
+            write ok without ops: graph_hash of the whole graph the write committed (plain-SQL writers
+            read it inside their transaction, which holds the root's version row locked)
   ops       write ok / create ok: the operations applied, as msgspec-encoded builtins, so the checker can
             replay them in version order and know the committed graph at every version
 """

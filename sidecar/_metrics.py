@@ -25,6 +25,11 @@ _COUNTERS = (
     ("feed_rewinds", "rewinds", "Times the change feed was re-read after a member left."),
     ("poisoned_entries", "poisoned", "Malformed cached entries found: served as misses and removed."),
     ("keys_recreated", "keys_recreated", "Leased puts refused because the cache had lost the key."),
+    (
+        "roots_forgotten",
+        "roots_forgotten",
+        "Rebuilds that found the root row gone: graph removed, key floored.",
+    ),
     ("sweeps", "sweeps", "Reconcile sweeps finished."),
     ("sweep_failures", "sweep_failures", "Reconcile sweeps that failed (retried with backoff)."),
 )

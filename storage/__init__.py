@@ -10,8 +10,10 @@ from ._errors import (
 )
 from ._memory import MemoryStore
 from ._model import Change, Checkpoint, Delete, Graph, Node, Op, Snapshot, Upsert
-from ._postgres import PostgresStore, install_change_tracking
+from ._postgres import PostgresStore, install_change_tracking, track_graph
 from ._protocol import GraphStore
+from ._spec import GraphSpec, SpecError, TableSpec
+from ._spec_sql import TrackAction
 
 __all__ = (
     "Change",
@@ -19,6 +21,7 @@ __all__ = (
     "ConcurrencyConflict",
     "Delete",
     "Graph",
+    "GraphSpec",
     "GraphStore",
     "InvalidOperation",
     "MemoryStore",
@@ -28,8 +31,12 @@ __all__ = (
     "RootExists",
     "RootNotFound",
     "Snapshot",
+    "SpecError",
     "StoreError",
     "StoreUnavailable",
+    "TableSpec",
+    "TrackAction",
     "Upsert",
     "install_change_tracking",
+    "track_graph",
 )

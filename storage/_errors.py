@@ -34,7 +34,15 @@ class StoreUnavailable(StoreError):
 
 
 class RootNotFound(StoreError):
-    """No graph has that root id."""
+    """No graph has that root id (or its root row is gone).
+
+    ``version`` is the root's last committed version when the store still knows it: a root whose row was
+    deleted keeps its version, so a cache can floor the graph's key at it.
+    """
+
+    def __init__(self, message: str, *, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 class RootExists(StoreError):

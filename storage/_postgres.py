@@ -39,6 +39,8 @@ from ._errors import (
 from ._feed import PollResult, PostgresFeed
 from ._model import Checkpoint, Graph, Node, Op
 from ._schema import Sql, migrate, quote_table
+from ._spec import GraphSpec, SpecError
+from ._spec_sql import SpecSql, TrackAction, check_catalog, plan_tracking, track
 from ._validate import (
     DEFAULT_MAX_DATA_BYTES,
     MAX_PAGE,
@@ -54,7 +56,7 @@ from ._validate import (
     plan_apply,
 )
 
-__all__ = ("Loader", "PostgresStore", "install_change_tracking")
+__all__ = ("Loader", "PostgresStore", "install_change_tracking", "track_graph")
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ class PostgresStore:
         dsn: str,
         sql: Sql,
         loader: Loader | None,
+        spec: SpecSql | None,
         listen: bool,
         poll_interval: float,
         min_poll_interval: float,
@@ -162,6 +165,7 @@ class PostgresStore:
         self._dsn = dsn
         self._sql = sql
         self._loader = loader
+        self._spec = spec
         self._listen = listen
         self._poll_interval = poll_interval
         self._min_poll_interval = min_poll_interval
@@ -179,6 +183,7 @@ class PostgresStore:
         schema: str = "graphcache",
         *,
         loader: Loader | None = None,
+        graph: GraphSpec | None = None,
         listen: bool = True,
         poll_interval: float = 0.25,
         min_poll_interval: float = DEFAULT_MIN_POLL_INTERVAL,
@@ -189,6 +194,11 @@ class PostgresStore:
     ) -> PostgresStore:
         """Open a pool, create/migrate ``schema`` and return the store.
 
+        ``graph``: serve graphs kept in the service's own tables, described by a ``GraphSpec``. The spec
+        is checked against the catalog (``SpecError`` names the problem) and its change tracking must be
+        installed and current in ``schema`` (``track_graph`` or ``graphcache track`` installs it). Such a
+        store is read-only: writes are plain SQL on those tables. ``loader``: load each graph with a
+        function of your own, inside a REPEATABLE READ READ ONLY transaction.
         ``listen=False`` never LISTENs (the feed then relies on polling every ``poll_interval`` seconds);
         a feed's polls start at least ``min_poll_interval`` seconds apart (0: one poll per wake-up);
         outbox rows older than ``retention`` seconds are pruned by running feeds.
@@ -201,6 +211,10 @@ class PostgresStore:
         timeout = check_seconds(command_timeout, name="command_timeout")
         check_count(pool_size, name="pool_size")
         check_count(max_data_bytes, name="max_data_bytes")
+        if graph is not None and loader is not None:
+            raise InvalidOperation("pass a graph spec or a loader, not both: the spec generates the loader")
+        if graph is not None and not isinstance(graph, GraphSpec):
+            raise InvalidOperation(f"graph must be a GraphSpec, not {type(graph).__name__}")
         with _seam(address):
             pool = await asyncpg.create_pool(
                 dsn,
@@ -218,6 +232,7 @@ class PostgresStore:
             dsn=dsn,
             sql=sql,
             loader=loader,
+            spec=None,
             listen=listen,
             poll_interval=poll_interval,
             min_poll_interval=min_poll_interval,
@@ -229,15 +244,23 @@ class PostgresStore:
             with store._seam():
                 async with store._connection() as conn:
                     await migrate(conn, sql)
+                    if graph is not None:
+                        store._spec = await _checked_spec(conn, graph, sql, schema, address)
         except BaseException:
             await store.aclose()
             raise
         return store
 
+    @property
+    def graph(self) -> GraphSpec | None:
+        """The graph spec this store serves (None: the built-in tables or a loader)."""
+        return None if self._spec is None else self._spec.spec
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
+        shape = "" if self._spec is None else f" graph {self._spec.spec.schema}.{self._spec.spec.root}"
         return (
-            f"<PostgresStore [{state} | {self.address} schema {self._sql.schema}"
+            f"<PostgresStore [{state} | {self.address} schema {self._sql.schema}{shape}"
             f" | pool: {self._pool.get_size()} connections, {self._pool.get_idle_size()} idle"
             f" | feeds: {len(self._feeds)}]>"
         )
@@ -254,6 +277,7 @@ class PostgresStore:
         """Create a graph holding only its root node, at version 1."""
         check_id(root_id, name="root_id")
         data_json = check_data(data, limit=self._max_data_bytes)
+        self._check_writable("create_root")
         with self._seam():
             async with self._connection() as conn:
                 created = await conn.fetchval(self._sql.create_root, root_id, data_json, self._sql.channel)
@@ -266,6 +290,7 @@ class PostgresStore:
         check_id(root_id, name="root_id")
         expected = check_expected(expected_version, name="expected_version")
         checked = check_ops(root_id, ops, limit=self._max_data_bytes)
+        self._check_writable("apply")
         sql = self._sql
         with self._seam():
             async with self._connection() as conn, conn.transaction():
@@ -305,6 +330,11 @@ class PostgresStore:
         check_id(root_id, name="root_id")
         if self._loader is not None:
             return await self._load_with_loader(root_id, self._loader)
+        if self._spec is not None:
+            graphs, deleted = await self._load_spec(self._spec, [root_id])
+            if root_id not in graphs:
+                raise RootNotFound(f"root {root_id!r} not found", version=deleted.get(root_id))
+            return graphs[root_id]
         with self._seam():
             # One statement sees one snapshot (also under READ COMMITTED): no BEGIN/COMMIT round trips.
             async with self._connection() as conn:
@@ -329,6 +359,8 @@ class PostgresStore:
             return {}
         if self._loader is not None:
             return await self._load_many_with_loader(ids, self._loader)
+        if self._spec is not None:
+            return (await self._load_spec(self._spec, ids))[0]
         with self._seam():
             async with self._connection() as conn:
                 rows = await conn.fetch(self._sql.graphs, ids)
@@ -343,6 +375,33 @@ class PostgresStore:
             if node_id is not None:
                 nodes[root_id][node_id] = Node(node_id, row["parent_id"], row["data"], row["row_version"])
         return {root_id: Graph(root_id, version, nodes[root_id]) for root_id, version in versions.items()}
+
+    async def _load_spec(self, spec: SpecSql, ids: list[str]) -> tuple[dict[str, Graph], dict[str, int]]:
+        """The spec's one statement for every root: the graphs found, and the committed version of each
+        root whose row is gone (deleted, or never inserted though its children were)."""
+        wanted = [root_id for root_id in ids if spec.root_id_is_canonical(root_id)]
+        if not wanted:
+            return {}, {}
+        with self._seam():
+            async with self._connection() as conn:
+                rows = await conn.fetch(spec.graphs, wanted)
+        versions: dict[str, int] = {}
+        nodes: dict[str, dict[str, Node]] = {}
+        for row in rows:
+            root_id = row["root_id"]
+            if row["id"] is None:
+                versions[root_id] = row["version"]
+                nodes[root_id] = {}
+            else:
+                nodes[root_id][row["id"]] = Node(row["id"], row["parent_id"], row["data"], 0)
+        graphs = {}
+        deleted = {}
+        for root_id, version in versions.items():
+            if spec.root_node(root_id) in nodes[root_id]:
+                graphs[root_id] = Graph(root_id, version, nodes[root_id])
+            else:
+                deleted[root_id] = version
+        return graphs, deleted
 
     async def _load_many_with_loader(self, ids: list[str], loader: Loader) -> dict[str, Graph]:
         graphs: dict[str, Graph] = {}
@@ -376,6 +435,8 @@ class PostgresStore:
         if version is None:
             raise RootNotFound(f"root {root_id!r} not found")
         graph = await loader(conn, root_id)
+        if not graph.nodes:  # never cache an empty graph: the root's row is gone
+            raise RootNotFound(f"root {root_id!r} not found: the loader found no rows", version=version)
         return msgspec.structs.replace(graph, root_id=root_id, version=version)
 
     async def version(self, root_id: str) -> int:
@@ -479,6 +540,14 @@ class PostgresStore:
                     conn.terminate()
                 raise
 
+    def _check_writable(self, method: str) -> None:
+        if self._spec is not None:
+            spec = self._spec.spec
+            raise InvalidOperation(
+                f"{method}: this store serves graph spec {spec.source} from {spec.schema}'s tables;"
+                " write to those tables with SQL"
+            )
+
     def _seam(self) -> contextlib.AbstractContextManager[None]:
         if self._closed:
             raise StoreUnavailable(f"PostgresStore for {self.address} is closed")
@@ -565,3 +634,33 @@ async def install_change_tracking(
     with _seam("the given connection"):
         await migrate(conn, sql)
         await conn.execute(statement)
+
+
+async def _checked_spec(conn: Any, graph: GraphSpec, sql: Sql, schema: str, address: str) -> SpecSql:
+    """The spec's SQL, after checking the spec against the catalog and its tracking against the spec."""
+    spec_sql = SpecSql(graph, sql, await check_catalog(conn, graph))
+    missing = [
+        a for a in await plan_tracking(conn, spec_sql, schema=schema) if a.verb in ("create", "replace")
+    ]
+    if missing:
+        raise SpecError(
+            f"graph spec {graph.source}: change tracking is not installed or out of date in schema"
+            f" {schema} on {address} ({missing[0]}{' and more' if len(missing) > 1 else ''}): run"
+            f" graphcache track --graph {graph.source} --postgres DSN --schema {schema}"
+        )
+    return spec_sql
+
+
+async def track_graph(
+    conn: Any, graph: GraphSpec, *, schema: str = "graphcache", dry_run: bool = False
+) -> list[TrackAction]:
+    """Install or update the change tracking of ``graph`` (triggers on its tables, their functions and
+    the store schema) in one transaction, after checking the spec against the catalog. Returns every
+    step with its verb (``create``, ``replace``, ``remove``, ``unchanged``); with ``dry_run`` nothing is
+    changed and the steps say what would be done. A second run finds every step unchanged."""
+    if not isinstance(graph, GraphSpec):
+        raise InvalidOperation(f"graph must be a GraphSpec, not {type(graph).__name__}")
+    sql = Sql(schema)
+    with _seam("the given connection"):
+        spec_sql = SpecSql(graph, sql, await check_catalog(conn, graph))
+        return await track(conn, spec_sql, schema=schema, dry_run=dry_run)

@@ -28,10 +28,10 @@ from typing import Any
 
 from ._errors import InvalidOperation, StoreError
 
-__all__ = ("SCHEMA_VERSION", "Sql", "channel_name", "migrate", "quote_ident", "quote_table")
+__all__ = ("IDENT", "SCHEMA_VERSION", "Sql", "channel_name", "migrate", "quote_ident", "quote_table")
 
 SCHEMA_VERSION = 3
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -136,7 +136,7 @@ CREATE INDEX IF NOT EXISTS roots_by_code_point ON {s}.roots (root_id COLLATE "C"
 
 def quote_ident(name: str, *, what: str = "identifier") -> str:
     """``name`` double-quoted, if it is a plain SQL identifier (letters, digits, _ and $; at most 63)."""
-    if not isinstance(name, str) or not _IDENT.fullmatch(name):
+    if not isinstance(name, str) or not IDENT.fullmatch(name):
         raise InvalidOperation(
             f"{what} must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_$]*), got {name!r}"
         )
@@ -167,6 +167,7 @@ class Sql:
         s = quote_ident(schema, what="schema")
         self.schema = s
         self.channel = channel_name(schema)
+        self.trigger_name = f"graphcache_track_{self.channel}"[:63]  # on every tracked table
         self.feed_name = f"graphcache feed {schema}"[:63]  # application_name of feed connections
         self.lock_structure = f"SELECT * FROM {s}.lock_structure($1)"
         self.write = f"""
@@ -252,7 +253,7 @@ SELECT count(*) FROM gone"""
     def install_trigger(self, table: str, root_column: str) -> str:
         """The statement that installs change tracking on ``table`` (checked identifiers only)."""
         quote_ident(root_column, what="root_column")
-        name = quote_ident(f"graphcache_track_{self.channel}"[:63], what="trigger name")
+        name = quote_ident(self.trigger_name, what="trigger name")
         return (
             f"CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {quote_table(table)}"
             f" FOR EACH ROW EXECUTE FUNCTION {self.schema}.track_change({_literal(root_column)})"
