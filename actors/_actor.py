@@ -27,11 +27,12 @@ from anyio import WouldBlock
 from tenacity import RetryCallState
 
 from ..cache import VersionedCache
-from ..storage import GraphStore, RootNotFound
+from ..storage import Graph, GraphStore, RootNotFound, RowImage
 from ._batch import Rebuilder
 from ._errors import ActorDead, InvalidArgument
+from ._live import Doubt, LiveGraph
 from ._messages import Changed, Message, Refresh, Stop
-from ._options import DEFAULT_MIN_REBUILD_INTERVAL, ActorOptions
+from ._options import DEFAULT_MAX_LIVE_GRAPH_BYTES, DEFAULT_MIN_REBUILD_INTERVAL, ActorOptions
 from ._retry import RetryPolicy, is_transient
 from ._stats import ActorStatistics, Counters
 from ._validate import check_root_id, check_version
@@ -39,6 +40,10 @@ from ._validate import check_root_id, check_version
 __all__ = ("DEFAULT_MIN_REBUILD_INTERVAL", "RootActor")
 
 logger = logging.getLogger(__name__)
+
+_MAX_PENDING_IMAGES = 1024
+"""Versions whose row images an actor keeps while they wait to be applied; beyond, it forgets them all
+and its next rebuild loads a snapshot (a backlog that long is cheaper to load than to replay)."""
 
 
 class RootActor:
@@ -63,6 +68,7 @@ class RootActor:
         retry_initial: float = 0.05,
         retry_max: float = 5.0,
         min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL,
+        max_live_graph_bytes: int = DEFAULT_MAX_LIVE_GRAPH_BYTES,
         rebuilder: Rebuilder | None = None,
     ) -> None:
         options = ActorOptions.create(
@@ -71,6 +77,7 @@ class RootActor:
             retry_initial=retry_initial,
             retry_max=retry_max,
             min_rebuild_interval=min_rebuild_interval,
+            max_live_graph_bytes=max_live_graph_bytes,
         )
         self._setup(
             root_id, options, store=store, cache=cache, counters=counters, built=built, rebuilder=rebuilder
@@ -110,6 +117,9 @@ class RootActor:
         self._idle_timeout = options.idle_timeout
         self._retry = RetryPolicy(options.retry_initial, options.retry_max)
         self._min_interval = options.min_rebuild_interval
+        self._max_live_bytes = options.max_live_graph_bytes
+        self._live: LiveGraph | None = None  # the graph last put, kept to patch the next versions into
+        self._images: dict[int, tuple[RowImage, ...] | None] = {}  # row images of versions > built
         self._last_start: float | None = None  # anyio clock at the start of the latest rebuild
         self._stopping = anyio.Event()  # cuts a pacing pause short
         # A node shares one rebuilder among its actors, so rebuilds that start together are batched.
@@ -145,6 +155,12 @@ class RootActor:
         return self._built
 
     @property
+    def patching(self) -> bool:
+        """Whether the actor keeps its root's graph, so a version whose row images arrive is patched in
+        memory rather than loaded."""
+        return self._live is not None
+
+    @property
     def wanted(self) -> int:
         """The newest version this actor has been told about."""
         return self._wanted
@@ -154,9 +170,9 @@ class RootActor:
         if not self._alive:
             raise ActorDead(f"actor of {self.root_id!r} has stopped")
         match message:
-            case Changed(root_id=root_id, version=version, committed_at=committed_at):
+            case Changed(root_id=root_id, version=version, committed_at=committed_at, images=images):
                 self._check_root(root_id)
-                self._note_version(check_version(version), committed_at)
+                self._note_version(check_version(version), committed_at, images)
             case Refresh(root_id=root_id):
                 self._check_root(root_id)
                 self._refresh = True
@@ -252,21 +268,59 @@ class RootActor:
                 return
 
     async def _catch_up(self) -> None:
-        """Rebuild until nothing newer than ``built`` was asked for (checking for a stop in between)."""
+        """Rebuild until nothing newer than ``built`` was asked for (checking for a stop in between).
+
+        A rebuild patches the graph it keeps when the row images of every version up to the newest are
+        at hand (no store read, no pacing); otherwise it loads a snapshot, paced by
+        ``min_rebuild_interval``."""
         while not self._stop and self._has_work():
             self._drain()
             if self._wanted <= self._built and not self._refresh:
                 pending, self._pending = self._pending, 0
                 self._coalesce(pending)  # a rebuild already covered them
                 continue
-            if not await self._pace():
-                return  # told to stop while pausing
-            self._drain()
+            patched = None if self._refresh else self._patch()
+            if patched is None:
+                if not await self._pace():
+                    return  # told to stop while pausing
+                self._drain()
             pending, self._pending = self._pending, 0
             self._refresh = False
             self._coalesce(max(pending - 1, 0))
             since, self._pending_since = self._pending_since, None
-            await self._rebuild(self._wanted, since)
+            target = self._wanted if patched is None else patched.version
+            await self._rebuild(target, since, patched)
+
+    def _patch(self) -> Graph | None:
+        """The graph at ``wanted``, patched from the one kept; None if a version's images are missing
+        or do not fit (a snapshot is loaded instead)."""
+        live = self._live
+        if live is None:
+            return None
+        versions = range(live.version + 1, self._wanted + 1)
+        if not versions or any(self._images.get(v) is None for v in versions):
+            return None
+        try:
+            for version in versions:
+                images = self._images.pop(version)
+                assert images is not None
+                live.apply(version, images)
+        except Doubt as exc:
+            logger.info("root %r: %s; loading a snapshot", self.root_id, exc)
+            self._live = None
+            return None
+        if live.size > self._max_live_bytes:
+            self._live = None  # put this one, load the next ones
+        self._counters.patched += 1
+        return live.graph()
+
+    def _keep(self, graph: Graph, patched: Graph | None) -> None:
+        """After a put: keep the graph to patch later versions into (a loaded one is taken anew)."""
+        if graph is not patched:
+            live = LiveGraph(graph) if self._max_live_bytes else None
+            self._live = live if live is not None and live.size <= self._max_live_bytes else None
+        for version in [v for v in self._images if v <= graph.version]:
+            del self._images[version]
 
     async def _pace(self) -> bool:
         """Wait until ``min_rebuild_interval`` has passed since the last rebuild started; False on a stop."""
@@ -278,36 +332,38 @@ class RootActor:
                 await self._stopping.wait()
         return not self._stop
 
-    async def _rebuild(self, target: int, since: float | None) -> None:
-        self._last_start = anyio.current_time()
+    async def _rebuild(self, target: int, since: float | None, patched: Graph | None) -> None:
+        if patched is None:
+            self._last_start = anyio.current_time()  # pacing counts snapshot loads only
         try:
-            await self._rebuild_once(target, since)  # the common case, without the retry machinery
+            await self._rebuild_once(target, since, patched)  # the common case, without retries
         except Exception as exc:  # broad on purpose: a failing root must never take the node down
             if not is_transient(exc):
                 self._give_up(target, exc)
                 return
             self._note_failure(1, 0.0, exc)
-            await self._rebuild_with_retries(target, since)
+            await self._rebuild_with_retries(target, since, patched)
 
-    async def _rebuild_with_retries(self, target: int, since: float | None) -> None:
+    async def _rebuild_with_retries(self, target: int, since: float | None, patched: Graph | None) -> None:
         try:
             async for attempt in self._retry.retrying(before_sleep=self._on_retry):
                 with attempt:
-                    await self._rebuild_once(target, since)
+                    await self._rebuild_once(target, since, patched)
         except Exception as exc:  # broad on purpose: a failing root must never take the node down
             self._give_up(target, exc)
         finally:
             self._failing = False
 
-    async def _rebuild_once(self, target: int, since: float | None) -> None:
+    async def _rebuild_once(self, target: int, since: float | None, patched: Graph | None) -> None:
         started = time.monotonic()
         try:
-            graph, stored = await self._rebuilder.rebuild(self.root_id)
+            graph, stored = await self._rebuilder.rebuild(self.root_id, patched)
         except RootNotFound as exc:
             if exc.version is None:  # the store never had it: nothing cached to take back
                 raise
             await self._forget(exc.version)
             return
+        self._keep(graph, patched)
         self._counters.rebuild_seconds.observe(time.monotonic() - started)
         self._rebuilds += 1
         self._counters.rebuilds += 1
@@ -330,6 +386,8 @@ class RootActor:
         """The root's row is gone (deleted at ``version``, or a loader found no rows at it): remove the
         cached graph and floor its key at that version, so no older rebuild puts it back; count it built."""
         await self._rebuilder.forget(self.root_id, version)
+        self._live = None
+        self._images.clear()
         self._counters.roots_forgotten += 1
         logger.info("root %r has no row at version %d: its cached graph is removed", self.root_id, version)
         self._set_built(version)
@@ -340,9 +398,15 @@ class RootActor:
         if root_id != self.root_id:
             raise InvalidArgument(f"message for {root_id!r} told to the actor of {self.root_id!r}")
 
-    def _note_version(self, version: int, committed_at: float) -> None:
+    def _note_version(self, version: int, committed_at: float, images: tuple[RowImage, ...] | None) -> None:
         self._notifications += 1
         self._counters.notifications += 1
+        # A duplicate, or a late copy of a version told without images: keep one copy of its images.
+        keep = images is not None and self._max_live_bytes and version > self._built
+        if keep and self._images.get(version) is None:
+            if len(self._images) >= _MAX_PENDING_IMAGES:
+                self._images.clear()
+            self._images[version] = images
         if version <= max(self._wanted, self._built):
             self._coalesce(1)  # a duplicate or an old version costs nothing
             return
@@ -381,4 +445,5 @@ class RootActor:
         self._failures += 1
         self._counters.failures += 1
         logger.error("rebuild of %r for version %d given up: %r", self.root_id, target, exc, exc_info=exc)
+        self._live = None  # in doubt: the next rebuild loads a snapshot
         self._wanted = self._built  # a permanent error: do not spin; the next notification tries again

@@ -25,6 +25,7 @@ loaded again under the new lease and put again, and counted in ``recreated``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ from ._stats import Counters
 
 __all__ = ("DEFAULT_MAX_BATCH", "DEFAULT_MAX_FLUSHES", "Rebuilder")
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_BATCH = 64
 """Roots per batch at most: one ``load_many`` statement and one Redis pipeline."""
 
@@ -53,6 +56,8 @@ _RELOADS = 3
 """Loads of one root in one flush when its key keeps being recreated under it."""
 
 LoadMany = Callable[[Sequence[str]], Awaitable[dict[str, Graph]]]
+OnStored = Callable[[str, int], None]
+"""``on_stored(root_id, version)``: the cache acknowledged storing that root's graph at that version."""
 
 
 class _Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -63,10 +68,11 @@ class _Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 class _Batch:
-    __slots__ = ("done", "error", "errors", "results", "root_ids")
+    __slots__ = ("done", "error", "errors", "given", "results", "root_ids")
 
     def __init__(self) -> None:
         self.root_ids: list[str] = []
+        self.given: dict[str, Graph] = {}  # graphs patched by their actors: put without a load
         self.done = anyio.Event()
         self.results: dict[str, tuple[Graph, bool]] = {}
         self.errors: dict[str, Exception] = {}
@@ -79,6 +85,8 @@ class Rebuilder:
     Concurrent calls share batches (see the module docstring); each call gets its own root's result or
     error (``RootNotFound``, a value the cache refuses), or the error that failed its whole batch. Every
     put carries ``ttl`` (seconds; None: no expiry). A Node shares its ``counters`` with its rebuilder.
+    ``on_stored(root_id, version)`` is called right after the cache acknowledged each stored put (a
+    measuring hook: it must be quick and must not block).
     """
 
     def __init__(
@@ -91,6 +99,7 @@ class Rebuilder:
         remember_leases: int = DEFAULT_REMEMBER_LEASES,
         ttl: float | None = None,
         counters: Counters | None = None,
+        on_stored: OnStored | None = None,
     ) -> None:
         options = convert_options(
             {
@@ -105,6 +114,7 @@ class Rebuilder:
         self._cache = cache
         self._ttl = options.ttl  # every put carries it (a Node's graph_ttl)
         self._counters = counters if counters is not None else Counters()
+        self._on_stored = on_stored
         self._leases: dict[str, int] = {}
         self._remember_leases = options.remember_leases
         self._load_many: LoadMany | None = getattr(store, "load_many", None)
@@ -127,7 +137,11 @@ class Rebuilder:
         """Seconds each graph this rebuilder puts lives in the cache (None: no expiry)."""
         return self._ttl
 
-    async def rebuild(self, root_id: str) -> tuple[Graph, bool]:
+    async def rebuild(self, root_id: str, patched: Graph | None = None) -> tuple[Graph, bool]:
+        """Load ``root_id``'s graph and put it if newer; with ``patched`` (a graph its actor computed
+        from the feed's row images), put that one without a load, unless the cache lost the key since
+        its lease was taken: then the graph is loaded anew (the patched one may be older than what
+        readers saw before the loss). Returns the graph put (``patched`` itself, or the loaded one)."""
         while True:
             batch = self._open
             lead = batch is None or root_id in batch.root_ids  # a root twice in one batch: start another
@@ -135,6 +149,8 @@ class Rebuilder:
                 batch = self._open = _Batch()
             assert batch is not None
             batch.root_ids.append(root_id)
+            if patched is not None:
+                batch.given[root_id] = patched
             if len(batch.root_ids) >= self._max_batch:
                 self._open = None
             if lead:
@@ -160,6 +176,16 @@ class Rebuilder:
             if self._open is batch:
                 self._open = None
             batch.done.set()
+
+    def note_stored(self, root_id: str, version: int) -> None:
+        """Tell ``on_stored`` that the cache stored ``root_id``'s graph at ``version`` (the rebuilder's
+        own puts, and a node's read-through puts)."""
+        if self._on_stored is None:
+            return
+        try:
+            self._on_stored(root_id, version)
+        except Exception:  # broad on purpose: a listener's bug must not fail a put the cache stored
+            logger.exception("on_stored(%r, %d) failed", root_id, version)
 
     async def forget(self, root_id: str, version: int) -> None:
         """Remove ``root_id``'s cached graph and refuse every later put at ``version`` or below (its row
@@ -216,14 +242,21 @@ class Rebuilder:
         try:
             for _ in range(_RELOADS):
                 leases = await self._take_leases(pending)  # before the load: see the module docstring
-                graphs = await self._load(batch, pending)
+                to_load = [root_id for root_id in pending if root_id not in batch.given]
+                graphs = await self._load(batch, to_load) if to_load else []
+                graphs += [batch.given[root_id] for root_id in pending if root_id in batch.given]
                 stored = await self._put(batch, graphs, leases)
+                for graph, was_stored in zip(graphs, stored, strict=True):
+                    if was_stored:
+                        self.note_stored(graph.root_id, graph.version)
                 refused = [
                     g.root_id
                     for g, ok in zip(graphs, stored, strict=True)
                     if not ok and g.root_id not in batch.errors
                 ]
                 pending = await self._relapsed(refused, leases)
+                for root_id in pending:  # the key was lost: load it, never put the patched graph
+                    batch.given.pop(root_id, None)
                 for graph, was_stored in zip(graphs, stored, strict=True):
                     if graph.root_id not in batch.errors and graph.root_id not in pending:
                         batch.results[graph.root_id] = (graph, was_stored)
@@ -236,6 +269,7 @@ class Rebuilder:
             batch.errors[root_id] = CacheUnavailable(f"the cache lost the key of {root_id!r} at every put")
 
     async def _load(self, batch: _Batch, root_ids: list[str]) -> list[Graph]:
+        self._counters.snapshot_loads += len(root_ids)
         if self._load_many is not None:
             found = await self._load_many(root_ids)
         else:

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import msgspec
 
+from ..storage import RowImage
+
 __all__ = ("Changed", "Message", "Refresh", "Stop")
 
 
 class Changed(msgspec.Struct, frozen=True, tag=True):
     """``root_id`` was committed at ``version``; ``committed_at`` (``time.time()``, 0.0 if unknown) is
-    only used for commit-to-cache lag figures."""
+    only used for commit-to-cache lag figures; ``images`` (None if unknown) turn the graph at
+    ``version - 1`` into the graph at ``version`` (see ``storage.Change``)."""
 
     root_id: str
     version: int
     committed_at: float = 0.0
+    images: tuple[RowImage, ...] | None = None
 
 
 class Refresh(msgspec.Struct, frozen=True, tag=True):

@@ -52,14 +52,20 @@ import anyio.abc
 from tenacity import AsyncRetrying, RetryCallState
 
 from ..cache import CacheError, VersionedCache
-from ..storage import Change, Graph, GraphStore, Op
+from ..storage import SLOTS, Change, Checkpoint, Graph, GraphStore, Op
 from ._actor import RootActor
-from ._batch import Rebuilder
+from ._batch import OnStored, Rebuilder
 from ._errors import ActorDead, InvalidArgument, NodeNotRunning, ReadTimeout, VersionNotReached
 from ._keys import graph_key
 from ._membership import Membership, StaticMembership
 from ._messages import Changed, Message, Refresh, Stop
-from ._options import DEFAULT_MIN_REBUILD_INTERVAL, DEFAULT_SWEEP_INTERVAL, Consistency, NodeOptions
+from ._options import (
+    DEFAULT_MAX_LIVE_GRAPH_BYTES,
+    DEFAULT_MIN_REBUILD_INTERVAL,
+    DEFAULT_SWEEP_INTERVAL,
+    Consistency,
+    NodeOptions,
+)
 from ._retry import RetryPolicy, is_transient
 from ._ring import Ring
 from ._stats import Counters, NodeStatistics
@@ -104,14 +110,16 @@ class Node:
     ``membership`` gives the view the ring is built on (default: this node alone). ``consistency``:
     "bounded" serves the previous graph until a rebuild lands; "strict" invalidates older versions as
     soon as a newer one is notified (one cache round trip per new version, in the feed's order).
-    ``idle_timeout``, ``mailbox_size``, ``retry_initial``, ``retry_max`` and ``min_rebuild_interval``
-    configure the actors (the retry settings also pace the feed's reconnects); ``remember_roots`` bounds
-    how many passivated roots' built versions are kept. ``handoff`` (seconds; at least the membership ttl
-    plus a heartbeat) and ``checkpoint_interval`` drive the hand-over described in the module docstring;
-    ``feed_after`` starts the feed after that cursor instead of "now". Leaving ``async with`` gives
-    in-flight rebuilds up to ``shutdown_timeout`` seconds. ``sweep_interval`` and
+    ``idle_timeout``, ``mailbox_size``, ``retry_initial``, ``retry_max``, ``min_rebuild_interval`` and
+    ``max_live_graph_bytes`` configure the actors (the retry settings also pace the feed's reconnects);
+    ``remember_roots`` bounds how many passivated roots' built versions are kept. ``handoff`` (seconds; at
+    least the membership ttl plus a heartbeat) and ``checkpoint_interval`` drive the hand-over described
+    in the module docstring; ``feed_after`` starts the feed after that cursor instead of "now". Leaving
+    ``async with`` gives in-flight rebuilds up to ``shutdown_timeout`` seconds. ``sweep_interval`` and
     ``checkpoint_save_interval`` pace the durable progress described in the module docstring. Every graph
     the node caches (rebuilds and read-throughs) expires after ``graph_ttl`` seconds (None: never).
+    ``on_stored(root_id, version)`` is called right after the cache acknowledged each graph this node
+    stored, rebuilt or read through (a measuring hook: quick, never blocking; the load test records it).
 
     The options are checked once, together (``NodeOptions``); a bad one is ``InvalidArgument`` naming it.
     ``Node.from_options`` builds a node from options checked beforehand.
@@ -135,9 +143,11 @@ class Node:
         shutdown_timeout: float = 5.0,
         checkpoint_interval: float = 0.5,
         min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL,
+        max_live_graph_bytes: int = DEFAULT_MAX_LIVE_GRAPH_BYTES,
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
         checkpoint_save_interval: float = 1.0,
         graph_ttl: float | None = None,
+        on_stored: OnStored | None = None,
     ) -> None:
         options = NodeOptions.create(
             node_id=node_id,
@@ -152,11 +162,12 @@ class Node:
             shutdown_timeout=shutdown_timeout,
             checkpoint_interval=checkpoint_interval,
             min_rebuild_interval=min_rebuild_interval,
+            max_live_graph_bytes=max_live_graph_bytes,
             sweep_interval=sweep_interval,
             checkpoint_save_interval=checkpoint_save_interval,
             graph_ttl=graph_ttl,
         )
-        self._setup(options, store, cache, membership)
+        self._setup(options, store, cache, membership, on_stored)
 
     @classmethod
     def from_options(
@@ -166,14 +177,20 @@ class Node:
         store: GraphStore,
         cache: VersionedCache,
         membership: Membership | None = None,
+        on_stored: OnStored | None = None,
     ) -> Self:
         """A node configured by ``options`` as they are (already checked: ``NodeOptions.create``)."""
         node = cls.__new__(cls)  # __init__ would take the options apart and check them again
-        node._setup(options, store, cache, membership)
+        node._setup(options, store, cache, membership, on_stored)
         return node
 
     def _setup(
-        self, options: NodeOptions, store: GraphStore, cache: VersionedCache, membership: Membership | None
+        self,
+        options: NodeOptions,
+        store: GraphStore,
+        cache: VersionedCache,
+        membership: Membership | None,
+        on_stored: OnStored | None = None,
     ) -> None:
         self._options = options
         self.node_id = options.node_id
@@ -185,7 +202,9 @@ class Node:
         self._strict = options.consistency == "strict"
         self._retry = RetryPolicy(options.actor.retry_initial, options.actor.retry_max)
         self._counters = Counters()
-        self._rebuilder = Rebuilder(store, cache, ttl=options.graph_ttl, counters=self._counters)
+        self._rebuilder = Rebuilder(
+            store, cache, ttl=options.graph_ttl, counters=self._counters, on_stored=on_stored
+        )
         self._actors: dict[str, RootActor] = {}
         self._remembered: dict[str, int] = {}  # built version of passivated roots (oldest first)
         self._flights: dict[str, _Flight] = {}
@@ -205,6 +224,10 @@ class Node:
         self._stack: contextlib.AsyncExitStack | None = None
         self._running = False
         self._feed: AsyncIterator[Change] | None = None
+        self._feed_rows_before = 0  # rows read by the feeds this node closed
+        self._slot_filter: frozenset[int] | None = None  # the slots the feed reads (None: all)
+        self._slot_filter_ring: tuple[Ring, Ring | None] | None = None  # the rings it was made for
+        self._slot_filter_until = 0.0  # when the previous ring's slots drop out of it
         self._feed_started = False
         self._feed_failure: str | None = None  # the feed's last error, until it delivers again
         self._routed_cursor: int | None = None  # cursor of the last change routed
@@ -332,12 +355,18 @@ class Node:
         raise ReadTimeout(f"read of {root_id!r} did not finish within {seconds}s") from None
 
     async def apply(self, root_id: str, ops: Sequence[Op], *, expected_version: int | None = None) -> int:
-        """Commit ``ops`` to the store, then nudge this node's actor if it owns the root."""
+        """Commit ``ops`` to the store, then nudge this node's actor if it owns the root (unless it keeps
+        the graph to patch: the feed brings the change with its row images in a moment, and a nudge
+        without them would cost a snapshot load)."""
         root_id = check_root_id(root_id)
         self._task_group()
         version = await self._store.apply(root_id, ops, expected_version=expected_version)
         if self.owns(root_id) and self._running:
-            await self._notify(root_id, Changed(root_id, version, time.time()))
+            actor = self.actor(root_id)
+            if actor is None or not actor.patching:
+                await self._notify(root_id, Changed(root_id, version, time.time()))
+            else:
+                await self._strict_floor(root_id, version)
         return version
 
     def refresh(self, root_id: str) -> None:
@@ -376,6 +405,8 @@ class Node:
             rebuild_seconds=c.rebuild_seconds.snapshot(),
             poisoned=c.poisoned + _cache_poisoned(self._cache),
             keys_recreated=c.keys_recreated,
+            snapshot_loads=c.snapshot_loads,
+            patched=c.patched,
             roots_forgotten=c.roots_forgotten,
             sweeps=c.sweeps,
             sweep_failures=c.sweep_failures,
@@ -383,6 +414,7 @@ class Node:
             roots_behind=c.roots_behind,
             roots_uncached=c.roots_uncached,
             feed_failing=self._feed_failure is not None or _feed_failing(self._feed),
+            feed_rows=self._feed_rows_before + _feed_rows(self._feed),
             checkpoint=self._saved_cursor,
             resumed_from=self._resumed_from,
         )
@@ -510,6 +542,7 @@ class Node:
             if await self._cache.put_if_newer(
                 key, graph, graph.version, ttl=self._options.graph_ttl, lease=lease
             ):
+                self._rebuilder.note_stored(root_id, graph.version)
                 return graph
             if await self._rebuilder.recreated_since(root_id, lease):
                 return graph  # the key was lost since the lease: this graph is still the reader's answer
@@ -526,11 +559,15 @@ class Node:
     # -- notifications -------------------------------------------------------------------------------
 
     async def _notify(self, root_id: str, message: Changed) -> None:
+        await self._strict_floor(root_id, message.version)
+        self._tell(root_id, message)
+
+    async def _strict_floor(self, root_id: str, version: int) -> None:
+        """In strict mode, the first notice of ``version`` takes every older graph out of the cache."""
         actor = self._actors.get(root_id)
         known = 0 if actor is None or not actor.alive else max(actor.built, actor.wanted)
-        if self._strict and message.version > max(known, self._remembered.get(root_id, 0)):
-            await self._invalidate(root_id, message.version - 1)
-        self._tell(root_id, message)
+        if self._strict and version > max(known, self._remembered.get(root_id, 0)):
+            await self._invalidate(root_id, version - 1)
 
     async def _invalidate(self, root_id: str, version: int) -> None:
         try:
@@ -671,23 +708,71 @@ class Node:
             return self._options.feed_after
         now = await self._store.cursor()
         saved = await self._store.load_checkpoint(self.node_id)
-        if saved is None:
-            return now
-        if not saved.resumable:
+        if saved is not None and not saved.resumable:
             logger.warning(
                 "node %s: its checkpoint is %.0fs old, older than the store keeps changes: starting from"
                 " now, the reconcile sweep catches up",
                 self.node_id,
                 saved.age,
             )
+            saved = None
+        cursor = await self._slot_checkpoints(saved)
+        if cursor is None:
             return now
-        self._resumed_from = self._saved_cursor = self._routed_cursor = saved.cursor
-        logger.info("node %s: resuming the change feed at its checkpoint %d", self.node_id, saved.cursor)
-        return saved.cursor
+        self._resumed_from = self._routed_cursor = cursor
+        if saved is not None:
+            self._saved_cursor = saved.cursor
+        logger.info("node %s: resuming the change feed at checkpoint %d", self.node_id, cursor)
+        return cursor
+
+    async def _slot_checkpoints(self, own: Checkpoint | None) -> int | None:
+        """Where the slots this node owns were left off: its own checkpoint for those it covers, and for
+        each other slot the newest resumable checkpoint of a node that read it (a slot's previous owner);
+        the oldest of those positions (None: nothing known, start from now)."""
+        mine = self._feed_slots()
+        wanted = frozenset(range(SLOTS)) if mine is None else mine
+        covered = frozenset() if own is None else wanted if own.slots is None else own.slots
+        missing = wanted - covered
+        positions = [] if own is None else [own.cursor]
+        if missing:
+            saved = [
+                cp for name, cp in await self._store.checkpoints() if name != self.node_id and cp.resumable
+            ]
+            best: dict[int, int] = {}
+            for checkpoint in saved:
+                covered = missing if checkpoint.slots is None else missing & checkpoint.slots
+                for slot in covered:
+                    best[slot] = max(best.get(slot, -1), checkpoint.cursor)
+            if best:
+                positions.append(min(best.values()))
+                logger.info(
+                    "node %s: %d of its slots resume where their previous owners left off",
+                    self.node_id,
+                    len(best),
+                )
+        return min(positions) if positions else None
 
     def _open_feed(self, cursor: int) -> AsyncIterator[Change]:
-        self._feed = self._store.changes(after=cursor)
+        self._feed_rows_before += _feed_rows(self._feed)
+        self._feed = self._store.changes(after=cursor, slots=self._feed_slots)
         return self._feed
+
+    def _feed_slots(self) -> frozenset[int] | None:
+        """The slots this node's feed reads: those it owns, and for ``handoff`` seconds after a view
+        change those it owned before (None while it owns every slot). The same object until it changes."""
+        now = time.monotonic()
+        previous = self._previous_ring if now < self._previous_until else None
+        rings = (self._ring, previous)
+        if self._slot_filter_ring != rings or (previous is not None and now >= self._slot_filter_until):
+            if previous is None and self._ring.nodes == frozenset([self.node_id]):
+                self._slot_filter = None
+            else:
+                slots = self._ring.slots_of(self.node_id)
+                if previous is not None:
+                    slots |= previous.slots_of(self.node_id)
+                self._slot_filter = slots
+            self._slot_filter_ring, self._slot_filter_until = rings, self._previous_until
+        return self._slot_filter
 
     async def _one_pass(self, feed: AsyncIterator[Change], cursor: int) -> int:
         """Follow ``feed`` until it ends or a rewind is requested; return the last cursor seen.
@@ -722,7 +807,7 @@ class Node:
         if not self.owns(root_id):
             self._counters.ignored += 1
             return
-        await self._notify(root_id, Changed(root_id, change.version, change.committed_at))
+        await self._notify(root_id, Changed(root_id, change.version, change.committed_at, change.images))
 
     def _checkpoint(self, cursor: int) -> None:
         """Remember that every change from now on comes after ``cursor``; keep ``handoff`` seconds' worth."""
@@ -765,7 +850,7 @@ class Node:
         if cursor is None or cursor == self._saved_cursor:
             return
         try:
-            await self._store.save_checkpoint(self.node_id, cursor)
+            await self._store.save_checkpoint(self.node_id, cursor, slots=self._feed_slots())
         except Exception as exc:  # broad on purpose: the next interval tries again; the sweep bounds G3
             logger.warning("node %s: saving its checkpoint failed (will retry): %r", self.node_id, exc)
             return
@@ -829,6 +914,13 @@ class Node:
 
 
 _OWNED_CACHE_LIMIT = 100_000
+
+
+def _feed_rows(feed: object) -> int:
+    """Changes a feed has read from the store (of its slots only): ``statistics().rows`` or ``rows``."""
+    statistics = getattr(feed, "statistics", None)
+    rows = getattr(statistics(), "rows", 0) if statistics is not None else getattr(feed, "rows", 0)
+    return rows if isinstance(rows, int) else 0
 
 
 def _feed_failing(feed: object) -> bool:

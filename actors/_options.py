@@ -24,6 +24,7 @@ from ._errors import InvalidArgument
 from ._ring import InvalidNodeId
 
 __all__ = (
+    "DEFAULT_MAX_LIVE_GRAPH_BYTES",
     "DEFAULT_MIN_REBUILD_INTERVAL",
     "DEFAULT_SWEEP_INTERVAL",
     "ActorOptions",
@@ -39,6 +40,10 @@ DEFAULT_MIN_REBUILD_INTERVAL = 0.1
 
 DEFAULT_SWEEP_INTERVAL = 60.0
 """Seconds between two reconcile sweeps (one also runs at start-up)."""
+
+DEFAULT_MAX_LIVE_GRAPH_BYTES = 1 << 20
+"""The most memory (estimated: the graph's msgpack size plus the images applied since) one live actor
+spends on keeping its root's graph for incremental rebuilds; a larger graph is loaded for each rebuild."""
 
 _MAX_VERSION = 2**63 - 1
 _FINITE = sys.float_info.max  # an upper bound that only infinity exceeds (NaN fails every bound)
@@ -66,6 +71,7 @@ class ActorOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     retry_initial: Seconds = 0.05
     retry_max: Seconds = 5.0
     min_rebuild_interval: SecondsOrZero = DEFAULT_MIN_REBUILD_INTERVAL
+    max_live_graph_bytes: CountOrZero = DEFAULT_MAX_LIVE_GRAPH_BYTES
 
     @classmethod
     def create(cls, **values: Any) -> Self:

@@ -67,6 +67,7 @@ class Counters:
         "keys_recreated",
         "lag",
         "notifications",
+        "patched",
         "poisoned",
         "puts_refused",
         "puts_stored",
@@ -81,6 +82,7 @@ class Counters:
         "roots_forgotten",
         "roots_owned",
         "roots_uncached",
+        "snapshot_loads",
         "sweep_failing",
         "sweep_failures",
         "sweep_seconds",
@@ -99,6 +101,8 @@ class Counters:
         self.rebuild_seconds = Histogram()
         # The rebuilder's
         self.rebuild_batches = 0
+        self.snapshot_loads = 0
+        self.patched = 0
         self.keys_recreated = 0
         self.roots_forgotten = 0
         # The node's: reads, the feed
@@ -169,6 +173,10 @@ class NodeStatistics(NamedTuple):
     """Malformed cached entries found (by readers of this node and by its cache): served as misses."""
     keys_recreated: int = 0
     """Leased puts refused because the cache had lost the key meanwhile (each rebuilt under a new lease)."""
+    snapshot_loads: int = 0
+    """Roots the rebuilder loaded from a store snapshot (batched loads count each root)."""
+    patched: int = 0
+    """Rebuilds whose graph was patched in memory from the feed's row images: no store read."""
     roots_forgotten: int = 0
     """Rebuilds that found the root's row gone: the cached graph was removed and its key floored."""
     sweeps: int = 0
@@ -181,6 +189,9 @@ class NodeStatistics(NamedTuple):
     roots_uncached: int = 0
     """Of those, absent from the cache (consistent: a read reads them through)."""
     feed_failing: bool = False
+    feed_rows: int = 0
+    """Changes this node's feed read from the store: with several nodes, about its share of them (the
+    feed reads only the slots the node owns)."""
     checkpoint: int | None = None
     """The feed cursor of this node's durable checkpoint (None: none saved yet)."""
     resumed_from: int | None = None

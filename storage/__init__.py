@@ -9,13 +9,14 @@ from ._errors import (
     StoreUnavailable,
 )
 from ._memory import MemoryStore
-from ._model import Change, Checkpoint, Delete, Graph, Node, Op, Snapshot, Upsert
+from ._model import Change, Checkpoint, Delete, Graph, Node, Op, RowImage, Snapshot, Upsert
 from ._postgres import PostgresStore, install_change_tracking, track_graph
 from ._protocol import GraphStore
+from ._slots import SLOTS, SlotFilter, slot_of
 from ._spec import GraphSpec, SpecError, TableSpec
 from ._spec_sql import TrackAction
 
-__all__ = (
+__all__ = (  # noqa: RUF022  (plain sorted order, as tests/test_all_attributes.py checks)
     "Change",
     "Checkpoint",
     "ConcurrencyConflict",
@@ -30,6 +31,9 @@ __all__ = (
     "PostgresStore",
     "RootExists",
     "RootNotFound",
+    "RowImage",
+    "SLOTS",
+    "SlotFilter",
     "Snapshot",
     "SpecError",
     "StoreError",
@@ -38,5 +42,6 @@ __all__ = (
     "TrackAction",
     "Upsert",
     "install_change_tracking",
+    "slot_of",
     "track_graph",
 )

@@ -48,9 +48,10 @@ from typing import NamedTuple, Protocol, Self
 import anyio
 
 from ._errors import StoreError, StoreUnavailable
-from ._model import Change
+from ._model import Change, RowImage
+from ._slots import SlotFilter, slot_bitmap
 
-__all__ = ("FeedConnection", "FeedStatistics", "Outbox", "PollResult", "PostgresFeed")
+__all__ = ("FeedConnection", "FeedStatistics", "Outbox", "PollResult", "PostgresFeed", "Row")
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,17 @@ _BUSY_POLLS = 3
 """Polls in a row that found rows before a feed stops listening (it polls at its own pace meanwhile)."""
 
 
+Row = tuple[str, int, float, tuple[RowImage, ...] | None]
+"""An outbox row as a poll returns it: (root_id, version, committed_at, images or None)."""
+
+
 class PollResult(NamedTuple):
-    """One poll: the snapshot's xmin/xmax/xip and the rows (root_id, version, committed_at) in xid order."""
+    """One poll: the snapshot's xmin/xmax/xip and the outbox rows in xid order."""
 
     xmin: int
     xmax: int
     xip: list[int]
-    rows: list[tuple[str, int, float]]
+    rows: list[Row]
 
 
 class FeedConnection(Protocol):
@@ -100,8 +105,11 @@ class Outbox(Protocol):
         """Close ``conn`` politely (bounded in time; dropped instead if that fails). Never raises."""
         ...
 
-    async def poll(self, conn: FeedConnection, lower: int, extra: Sequence[int]) -> PollResult:
-        """Outbox rows with ``xid >= lower`` or ``xid`` in ``extra``, with the snapshot they were read in."""
+    async def poll(
+        self, conn: FeedConnection, lower: int, extra: Sequence[int], slots: bytes | None = None
+    ) -> PollResult:
+        """Outbox rows with ``xid >= lower`` or ``xid`` in ``extra`` (and, with a ``slots`` bitmap, a
+        slot in it), with the snapshot they were read in."""
         ...
 
     async def set_listening(self, conn: FeedConnection, wake: Callable[..., None], *, on: bool) -> None:
@@ -128,6 +136,7 @@ class FeedStatistics(NamedTuple):
     listening: bool
     watermark: int | None
     failing: bool = False  # the latest connect or poll failed and no poll has succeeded since
+    rows: int = 0  # outbox rows the polls returned (only the feed's slots, when it has a filter)
 
 
 class PostgresFeed:
@@ -141,8 +150,11 @@ class PostgresFeed:
         listen: bool,
         poll_interval: float,
         min_poll_interval: float = 0.0,
+        slots: SlotFilter | None = None,
     ) -> None:
         self._outbox = outbox
+        self._slots = slots
+        self._bitmap: tuple[object, bytes | None] = (None, None)  # (the filter's last set, its bitmap)
         self._listen = listen
         self._poll_interval = poll_interval
         self._min_poll_interval = min_poll_interval
@@ -161,6 +173,7 @@ class PostgresFeed:
         self._last_prune: float | None = None
         self._closed = False
         self._delivered = self._superseded = self._polls = self._failed = self._connects = 0
+        self._rows = 0
 
     def __repr__(self) -> str:
         if self._closed:
@@ -184,6 +197,7 @@ class PostgresFeed:
             self._listening and self._connected(),
             self._watermark,
             self._failed_in_a_row > 0,
+            self._rows,
         )
 
     def __aiter__(self) -> Self:
@@ -212,6 +226,15 @@ class PostgresFeed:
     ) -> None:
         await self.aclose()
 
+    def _slot_bitmap(self) -> bytes | None:
+        """The bitmap of the slots to read now (None: all); rebuilt only when the filter's set changes."""
+        if self._slots is None:
+            return None
+        wanted = self._slots()
+        if wanted is not self._bitmap[0]:
+            self._bitmap = (wanted, None if wanted is None else slot_bitmap(wanted))
+        return self._bitmap[1]
+
     async def _step(self) -> None:
         """One poll and the wait after it. Never raises a transient error: it backs off instead."""
         await self._pace()
@@ -221,7 +244,7 @@ class PostgresFeed:
         self._last_poll = anyio.current_time()
         try:
             conn = await self._connection()
-            result = await self._outbox.poll(conn, self._lower, self._extra)
+            result = await self._outbox.poll(conn, self._lower, self._extra, self._slot_bitmap())
         except StoreUnavailable as exc:
             if self._closing.is_set():  # aclose() took the connection from under the poll: not a fault
                 return
@@ -235,6 +258,7 @@ class PostgresFeed:
                 await self._closing.wait()
             return
         self._polls += 1
+        self._rows += len(result.rows)
         self._failed_in_a_row = 0
         self._accept(result)
         await self._maybe_prune()
@@ -285,12 +309,12 @@ class PostgresFeed:
 
     def _accept(self, result: PollResult) -> None:
         cursor = result.xmin if self._watermark is None else self._watermark
-        for root_id, version, committed_at in _per_root_increasing(result.rows):
+        for root_id, version, committed_at, images in _per_root_increasing(result.rows):
             if version <= self._max_seen.get(root_id, 0):
                 self._superseded += 1
                 continue
             self._max_seen[root_id] = version
-            self._buffer.append(Change(root_id, version, cursor, committed_at))
+            self._buffer.append(Change(root_id, version, cursor, committed_at, images))
         self._watermark, self._lower, self._extra = result.xmin, result.xmax, result.xip
 
     async def _maybe_prune(self) -> None:
@@ -349,11 +373,11 @@ def _backoff(base: float, attempt: int) -> float:
     return jittered
 
 
-def _per_root_increasing(rows: Sequence[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+def _per_root_increasing(rows: Sequence[Row]) -> list[Row]:
     """``rows`` with each root's rows reordered by version, keeping the slots roots occupy in xid order."""
     slots: dict[str, list[int]] = {}
-    for index, (root_id, _, _) in enumerate(rows):
-        slots.setdefault(root_id, []).append(index)
+    for index, row in enumerate(rows):
+        slots.setdefault(row[0], []).append(index)
     ordered = list(rows)
     for positions in slots.values():
         if len(positions) > 1:

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -23,10 +23,12 @@ import anyio
 import msgspec
 
 from ._errors import ConcurrencyConflict, InvalidOperation, RootExists, RootNotFound, StoreUnavailable
-from ._model import Change, Checkpoint, Graph, Node, Op
+from ._model import Change, Checkpoint, Graph, Node, Op, RowImage
+from ._slots import SlotFilter, check_slots, slot_of
 from ._validate import (
     DEFAULT_MAX_DATA_BYTES,
     MAX_PAGE,
+    Plan,
     RowInfo,
     check_count,
     check_cursor,
@@ -87,7 +89,9 @@ class MemoryStore:
         self._max_data_bytes = max_data_bytes
         self._roots: dict[str, _Root] = {}
         self._sorted_ids: list[str] | None = []  # root ids in order; None: rebuild at the next use
-        self._checkpoints: dict[str, tuple[int, float]] = {}  # name -> (cursor, time.monotonic() saved)
+        self._checkpoints: dict[
+            str, tuple[int, float, frozenset[int] | None]
+        ] = {}  # name -> (cursor, saved at, slots)
         self._log: deque[Change] = deque(maxlen=feed_retention)
         self._last_cursor = 0
         self._appended = anyio.Event()
@@ -119,7 +123,7 @@ class MemoryStore:
             raise RootExists(f"root {root_id!r} already exists")
         self._roots[root_id] = _Root(_Committed(1, {root_id: _Row(None, data_json, 1)}))
         self._sorted_ids = None
-        self._publish(root_id, 1)
+        self._publish(root_id, 1, (RowImage(root_id, None, _json_decoder.decode(data_json), 1),))
         return 1
 
     async def apply(self, root_id: str, ops: Sequence[Op], *, expected_version: int | None = None) -> int:
@@ -145,7 +149,7 @@ class MemoryStore:
                 rows[node_id] = _Row(parent_id, data_json, row_version)
             version = committed.version + 1
             root.committed = _Committed(version, rows)
-            self._publish(root_id, version)
+            self._publish(root_id, version, _images(plan))
         return version
 
     async def load(self, root_id: str) -> Graph:
@@ -176,13 +180,18 @@ class MemoryStore:
         self._check_open()
         return self._last_cursor
 
-    async def save_checkpoint(self, name: str, cursor: int) -> None:
-        """Remember ``cursor`` under ``name`` for as long as the store lives."""
+    async def save_checkpoint(self, name: str, cursor: int, *, slots: Collection[int] | None = None) -> None:
+        """Remember ``cursor`` under ``name`` for as long as the store lives (``slots``: those it covers,
+        None: all)."""
         check_id(name, name="name")
         check_cursor(cursor, name="cursor")
+        try:
+            wanted = check_slots(slots)
+        except ValueError as exc:
+            raise InvalidOperation(str(exc)) from None
         await self._io()
         self._check_open()
-        self._checkpoints[name] = (cursor, time.monotonic())
+        self._checkpoints[name] = (cursor, time.monotonic(), wanted)
 
     async def load_checkpoint(self, name: str) -> Checkpoint | None:
         """The cursor last saved under ``name``, its age, and whether the feed still keeps every change
@@ -191,11 +200,17 @@ class MemoryStore:
         await self._io()
         self._check_open()
         saved = self._checkpoints.get(name)
-        if saved is None:
-            return None
-        cursor, saved_at = saved
+        return None if saved is None else self._checkpoint(*saved)
+
+    async def checkpoints(self) -> list[tuple[str, Checkpoint]]:
+        """Every saved checkpoint, by name."""
+        await self._io()
+        self._check_open()
+        return [(name, self._checkpoint(*saved)) for name, saved in sorted(self._checkpoints.items())]
+
+    def _checkpoint(self, cursor: int, saved_at: float, slots: frozenset[int] | None) -> Checkpoint:
         resumable = not self._log or cursor + 1 >= self._log[0].cursor
-        return Checkpoint(cursor, max(time.monotonic() - saved_at, 0.0), resumable)
+        return Checkpoint(cursor, max(time.monotonic() - saved_at, 0.0), resumable, slots)
 
     async def root_versions(self, *, after: str | None = None, limit: int = 1000) -> list[tuple[str, int]]:
         """Committed ``(root_id, version)`` pairs with ``root_id > after``, by root id, at most ``limit``."""
@@ -210,10 +225,11 @@ class MemoryStore:
         start = 0 if after is None else bisect.bisect_right(ids, after)
         return [(root_id, self._roots[root_id].committed.version) for root_id in ids[start : start + limit]]
 
-    def changes(self, *, after: int | None = None) -> _MemoryFeed:
-        """The change feed from just after ``after`` (None: from now on)."""
+    def changes(self, *, after: int | None = None, slots: SlotFilter | None = None) -> _MemoryFeed:
+        """The change feed from just after ``after`` (None: from now on); with ``slots``, only the
+        changes of roots in the slots it returns."""
         cursor = check_expected(after, name="after")
-        feed = _MemoryFeed(self, self._last_cursor if cursor is None else cursor)
+        feed = _MemoryFeed(self, self._last_cursor if cursor is None else cursor, slots)
         self._feeds.add(feed)
         return feed
 
@@ -237,9 +253,9 @@ class MemoryStore:
             raise RootNotFound(f"root {root_id!r} not found")
         return root
 
-    def _publish(self, root_id: str, version: int) -> None:
+    def _publish(self, root_id: str, version: int, images: tuple[RowImage, ...]) -> None:
         self._last_cursor += 1
-        self._log.append(Change(root_id, version, self._last_cursor, time.time()))
+        self._log.append(Change(root_id, version, self._last_cursor, time.time(), images))
         self._wake_feeds()
 
     def _wake_feeds(self) -> None:
@@ -258,11 +274,13 @@ class MemoryStore:
 class _MemoryFeed:
     """Async iterator over a ``MemoryStore``'s changes in commit order (per root, versions increase)."""
 
-    def __init__(self, store: MemoryStore, cursor: int) -> None:
+    def __init__(self, store: MemoryStore, cursor: int, slots: SlotFilter | None) -> None:
         self._store = store
         self._cursor = cursor
+        self._slots = slots
         self._buffer: deque[Change] = deque()
         self._closed = False
+        self.rows = 0  # changes read (of the feed's slots only, with a filter)
 
     def __repr__(self) -> str:
         return f"<MemoryFeed [cursor: {self._cursor} | buffered: {len(self._buffer)}]>"
@@ -275,12 +293,17 @@ class _MemoryFeed:
             if self._closed or self._store._closed:
                 raise StopAsyncIteration
             waiter = self._store._appended
-            self._buffer.extend(self._store._since(self._cursor))
+            found = self._store._since(self._cursor)
+            if found:
+                self._cursor = found[-1].cursor
+                wanted = None if self._slots is None else self._slots()
+                if wanted is not None:
+                    found = [change for change in found if slot_of(change.root_id) in wanted]
+                self.rows += len(found)
+                self._buffer.extend(found)
             if not self._buffer:
                 await waiter.wait()
-        change = self._buffer.popleft()
-        self._cursor = change.cursor
-        return change
+        return self._buffer.popleft()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -314,3 +337,13 @@ def _graph(root_id: str, snapshot: _Committed) -> Graph:
         for node_id, row in snapshot.rows.items()
     }
     return Graph(root_id, snapshot.version, nodes)
+
+
+def _images(plan: Plan) -> tuple[RowImage, ...]:
+    """The row images of an applied plan: its deletions, then its writes (the order ``apply`` uses)."""
+    gone = [RowImage(node_id) for node_id in sorted(plan.deletes)]
+    written = [
+        RowImage(node_id, parent_id, _json_decoder.decode(data_json), row_version)
+        for node_id, (parent_id, data_json, row_version) in plan.upserts.items()
+    ]
+    return (*gone, *written)

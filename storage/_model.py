@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ("Change", "Checkpoint", "Delete", "Graph", "Node", "Op", "Snapshot", "Upsert")
+__all__ = ("Change", "Checkpoint", "Delete", "Graph", "Node", "Op", "RowImage", "Snapshot", "Upsert")
 
 _json_encoder = msgspec.json.Encoder()
 
@@ -55,17 +55,32 @@ class Delete(msgspec.Struct, frozen=True, tag=True):
 Op = Upsert | Delete
 
 
+class RowImage(msgspec.Struct, frozen=True, array_like=True):
+    """One node as a committed transaction left it: its after-image, or (``data`` None) its deletion,
+    which takes the node's subtree with it. On the wire (the outbox) ``[id, parent_id, data,
+    row_version]``, or ``[id]`` for a deletion."""
+
+    id: str
+    parent_id: str | None = None
+    data: dict[str, Any] | None = None
+    row_version: int = 0
+
+
 class Change(msgspec.Struct, frozen=True):
     """One committed change: ``root_id`` reached ``version``. ``cursor`` resumes the feed after it.
 
     ``committed_at`` is the commit's wall-clock time (``time.time()`` seconds; 0.0 where unknown), used
-    for commit-to-cache lag figures only, never for ordering.
+    for commit-to-cache lag figures only, never for ordering. ``images`` are the nodes the transaction
+    wrote or deleted, in order: applied to the graph at ``version - 1`` they give the graph at
+    ``version``. None where they are not known (a custom loader's tables, a transaction too large to
+    log them, a change that moved a subtree between roots): the graph must then be loaded.
     """
 
     root_id: str
     version: int
     cursor: int
     committed_at: float = 0.0
+    images: tuple[RowImage, ...] | None = None
 
 
 class Checkpoint(msgspec.Struct, frozen=True):
@@ -82,3 +97,5 @@ class Checkpoint(msgspec.Struct, frozen=True):
     cursor: int
     age: float
     resumable: bool
+    slots: frozenset[int] | None = None
+    """The slots whose changes the saver had routed up to ``cursor`` (None: every slot)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -37,13 +37,15 @@ from ._errors import (
     StoreUnavailable,
 )
 from ._feed import PollResult, PostgresFeed
-from ._model import Checkpoint, Graph, Node, Op
-from ._schema import Sql, migrate, quote_table
+from ._model import Checkpoint, Graph, Node, Op, RowImage
+from ._schema import MAX_IMAGES, Sql, migrate, quote_table
+from ._slots import SlotFilter, check_slots, slot_bitmap, slots_of_bitmap
 from ._spec import GraphSpec, SpecError
 from ._spec_sql import SpecSql, TrackAction, check_catalog, plan_tracking, track
 from ._validate import (
     DEFAULT_MAX_DATA_BYTES,
     MAX_PAGE,
+    Plan,
     RowInfo,
     check_count,
     check_cursor,
@@ -77,6 +79,22 @@ def _encode_jsonb(value: Any) -> bytes:
 
 def _decode_jsonb(data: bytes) -> Any:
     return _json_decoder.decode(data[1:])
+
+
+_images_decoder = msgspec.json.Decoder(tuple[RowImage, ...] | None)
+
+
+def _images_json(plan: Plan) -> bytes | None:
+    """The outbox images of an applied plan (its deletions, then its writes: the order the statement
+    applies them in), as JSON; None when there are more than the outbox keeps."""
+    if len(plan.deletes) + len(plan.upserts) > MAX_IMAGES:
+        return None
+    gone = [[node_id] for node_id in sorted(plan.deletes)]
+    written = [
+        [node_id, parent_id, msgspec.Raw(data_json), row_version]
+        for node_id, (parent_id, data_json, row_version) in plan.upserts.items()
+    ]
+    return _json_encoder.encode([*gone, *written])
 
 
 async def _init_connection(conn: Any) -> None:
@@ -243,9 +261,9 @@ class PostgresStore:
         try:
             with store._seam():
                 async with store._connection() as conn:
-                    await migrate(conn, sql)
-                    if graph is not None:
+                    if graph is not None:  # first: a spec that does not fit or is not tracked creates nothing
                         store._spec = await _checked_spec(conn, graph, sql, schema, address)
+                    await migrate(conn, sql)
         except BaseException:
             await store.aclose()
             raise
@@ -322,6 +340,7 @@ class PostgresStore:
                     [row_version for _, _, row_version in written],
                     version,
                     sql.channel,
+                    _images_json(plan),
                 )
         return version
 
@@ -434,7 +453,12 @@ class PostgresStore:
         version = await conn.fetchval(self._sql.version, root_id)
         if version is None:
             raise RootNotFound(f"root {root_id!r} not found")
-        graph = await loader(conn, root_id)
+        try:
+            graph = await loader(conn, root_id)
+        except RootNotFound as exc:  # the loader found the root's row gone: say at which version
+            if exc.version is not None:
+                raise
+            raise RootNotFound(str(exc), version=version) from exc
         if not graph.nodes:  # never cache an empty graph: the root's row is gone
             raise RootNotFound(f"root {root_id!r} not found: the loader found no rows", version=version)
         return msgspec.structs.replace(graph, root_id=root_id, version=version)
@@ -456,13 +480,19 @@ class PostgresStore:
                 watermark: int = await conn.fetchval(self._sql.watermark)
         return watermark
 
-    async def save_checkpoint(self, name: str, cursor: int) -> None:
-        """Remember ``cursor`` under ``name`` (a durable upsert); ``load_checkpoint(name)`` returns it."""
+    async def save_checkpoint(self, name: str, cursor: int, *, slots: Collection[int] | None = None) -> None:
+        """Remember ``cursor`` under ``name`` (a durable upsert); ``load_checkpoint(name)`` returns it.
+        ``slots``: the slots whose changes were routed up to it (None: all)."""
         check_id(name, name="name")
         check_cursor(cursor, name="cursor")
+        try:
+            wanted = check_slots(slots)
+        except ValueError as exc:
+            raise InvalidOperation(str(exc)) from None
+        bitmap = None if wanted is None else slot_bitmap(wanted)
         with self._seam():
             async with self._connection() as conn:
-                await conn.execute(self._sql.save_checkpoint, name, cursor)
+                await conn.execute(self._sql.save_checkpoint, name, cursor, bitmap)
 
     async def load_checkpoint(self, name: str) -> Checkpoint | None:
         """The cursor last saved under ``name``, its age by the server's clock and whether the outbox
@@ -472,10 +502,19 @@ class PostgresStore:
         with self._seam():
             async with self._connection() as conn:
                 row = await conn.fetchrow(self._sql.load_checkpoint, name)
-        if row is None:
-            return None
+        return None if row is None else self._checkpoint(row)
+
+    async def checkpoints(self) -> list[tuple[str, Checkpoint]]:
+        """Every saved checkpoint, by name (as ``load_checkpoint`` gives each)."""
+        with self._seam():
+            async with self._connection() as conn:
+                rows = await conn.fetch(self._sql.checkpoints)
+        return [(row["name"], self._checkpoint(row)) for row in rows]
+
+    def _checkpoint(self, row: Any) -> Checkpoint:
         age: float = row["age"]
-        return Checkpoint(row["cursor"], age, age < self._retention and row["kept"])
+        slots = None if row["slots"] is None else slots_of_bitmap(row["slots"])
+        return Checkpoint(row["cursor"], age, age < self._retention and row["kept"], slots)
 
     async def root_versions(self, *, after: str | None = None, limit: int = 1000) -> list[tuple[str, int]]:
         """Committed ``(root_id, version)`` pairs with ``root_id > after``, by root id (code points), at
@@ -491,8 +530,9 @@ class PostgresStore:
                     rows = await conn.fetch(self._sql.root_versions_after, after, limit)
         return [(row["root_id"], row["version"]) for row in rows]
 
-    def changes(self, *, after: int | None = None) -> PostgresFeed:
-        """The change feed from cursor ``after`` (None: from the feed's first poll on); see ``_feed.py``."""
+    def changes(self, *, after: int | None = None, slots: SlotFilter | None = None) -> PostgresFeed:
+        """The change feed from cursor ``after`` (None: from the feed's first poll on); see ``_feed.py``.
+        With ``slots``, only the changes of roots in the slots it returns before each poll."""
         cursor = check_expected(after, name="after")
         if self._closed:
             raise StoreUnavailable(f"PostgresStore for {self.address} is closed")
@@ -502,6 +542,7 @@ class PostgresStore:
             listen=self._listen,
             poll_interval=self._poll_interval,
             min_poll_interval=self._min_poll_interval,
+            slots=slots,
         )
         self._feeds.add(feed)
         return feed
@@ -592,13 +633,22 @@ class _FeedOutbox:
         except Exception:  # any failure to say goodbye (server gone, timeout): drop the socket instead
             conn.terminate()
 
-    async def poll(self, conn: Any, lower: int, extra: Sequence[int]) -> PollResult:
+    async def poll(
+        self, conn: Any, lower: int, extra: Sequence[int], slots: bytes | None = None
+    ) -> PollResult:
         sql = self._store._sql
         with self._store._seam():
-            rows = await conn.fetch(sql.poll, lower, list(extra), _poll_upper_bound(lower))
+            rows = await conn.fetch(sql.poll, lower, list(extra), _poll_upper_bound(lower), slots)
         first = rows[0]
+        # Images describe the built-in tables or a spec's; a loader's graphs are of its own making.
+        keep_images = self._store._loader is None
         found = [
-            (row["root_id"], row["version"], row["committed_at"])
+            (
+                row["root_id"],
+                row["version"],
+                row["committed_at"],
+                _images_decoder.decode(row["images"]) if keep_images and row["images"] else None,
+            )
             for row in rows
             if row["root_id"] is not None
         ]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ._model import Change, Checkpoint, Graph, Op
+from ._slots import SlotFilter
 
 __all__ = ("GraphStore",)
 
@@ -26,10 +27,18 @@ class GraphStore(Protocol):
         """A cursor for "now": ``changes(after=cursor())`` delivers every change committed after it."""
         ...
 
-    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]: ...
+    def changes(self, *, after: int | None = None, slots: SlotFilter | None = None) -> AsyncIterator[Change]:
+        """Changes committed after ``after`` (None: from now on); with ``slots``, only those of roots
+        whose ``slot_of`` is in the set it returns (asked again before each read)."""
+        ...
 
-    async def save_checkpoint(self, name: str, cursor: int) -> None:
-        """Remember feed position ``cursor`` under ``name`` (durably where the store is durable)."""
+    async def save_checkpoint(self, name: str, cursor: int, *, slots: Collection[int] | None = None) -> None:
+        """Remember feed position ``cursor`` under ``name`` (durably where the store is durable); ``slots``
+        are those whose changes were routed up to it (None: all)."""
+        ...
+
+    async def checkpoints(self) -> list[tuple[str, Checkpoint]]:
+        """Every saved checkpoint, by name."""
         ...
 
     async def load_checkpoint(self, name: str) -> Checkpoint | None:

@@ -6,8 +6,11 @@ Layout (``{s}`` is the store's schema, quoted):
     {s}.roots  (root_id PK, version, last_xid)      one row per graph; ``last_xid`` makes change tracking
                                                     bump a root once per transaction
     {s}.nodes  (root_id, id, parent_id, data jsonb, row_version)   PK (root_id, id)
-    {s}.outbox (id, xid, root_id, version, committed_at)           the change feed, pruned after retention
-    {s}.bump_root(root_id), {s}.track_change()      the triggers of ``install_change_tracking``
+    {s}.outbox (id, xid, root_id, version, committed_at, images, slot)   the change feed, pruned after
+                                                    retention; ``images``: the nodes the transaction wrote
+                                                    (or NULL); ``slot``: ``slot_of(root_id)``
+    {s}.bump_root(root_id[, image]), {s}.track_change()   the triggers of ``install_change_tracking``
+                                                    and of graph specs
     {s}.lock_structure(root_id)                     apply's first step: lock the root, then read its
                                                     structure in a fresh snapshot (one round trip)
     {s}.checkpoints (name PK, cursor, saved_at)     durable feed positions (``save_checkpoint``)
@@ -30,7 +33,10 @@ from ._errors import InvalidOperation, StoreError
 
 __all__ = ("IDENT", "SCHEMA_VERSION", "Sql", "channel_name", "migrate", "quote_ident", "quote_table")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+MAX_IMAGES = 1000
+"""Row images one outbox row carries at most; a transaction that writes more rows of one graph logs none
+(its change is loaded from a snapshot instead)."""
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 _MIGRATIONS: dict[int, str] = {
@@ -131,6 +137,50 @@ CREATE TABLE IF NOT EXISTS {s}.outbox_pruned (max_xid bigint NOT NULL);
 INSERT INTO {s}.outbox_pruned (max_xid) SELECT -1 WHERE NOT EXISTS (SELECT FROM {s}.outbox_pruned);
 CREATE INDEX IF NOT EXISTS roots_by_code_point ON {s}.roots (root_id COLLATE "C");
 """,
+    # Row images: each outbox row carries the nodes its transaction wrote or deleted (NULL: not known),
+    # so a live actor patches its graph instead of loading it. bump_root(rid, image) adds one image to
+    # the transaction's outbox row of the root (a NULL image makes the whole change unknown); the
+    # one-argument bump_root of install_change_tracking logs no images.
+    4: """
+ALTER TABLE {s}.outbox ADD COLUMN IF NOT EXISTS images jsonb;
+-- The slots a checkpoint covers (a bitmap; NULL: all), so a slot's new owner resumes where the old one
+-- stopped.
+ALTER TABLE {s}.checkpoints ADD COLUMN IF NOT EXISTS slots bytea;
+
+-- The root's slot (storage/_slots.py computes the same): a feed reads only the slots its node owns.
+CREATE OR REPLACE FUNCTION {s}.slot_of(rid text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT ((get_byte(d, 0) << 8) | get_byte(d, 1)) & 16383 FROM sha256(convert_to(rid, 'UTF8')) AS d
+$fn$;
+ALTER TABLE {s}.outbox
+    ADD COLUMN IF NOT EXISTS slot integer GENERATED ALWAYS AS ({s}.slot_of(root_id)) STORED;
+
+CREATE OR REPLACE FUNCTION {s}.bump_root(rid text, image jsonb) RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    current_xid bigint := pg_current_xact_id()::text::bigint;
+    new_version bigint;
+BEGIN
+    INSERT INTO {s}.roots AS r (root_id, version, last_xid) VALUES (rid, 1, current_xid)
+    ON CONFLICT (root_id) DO UPDATE SET version = r.version + 1, last_xid = excluded.last_xid
+        WHERE r.last_xid IS DISTINCT FROM excluded.last_xid
+    RETURNING r.version INTO new_version;
+    IF FOUND THEN
+        INSERT INTO {s}.outbox (root_id, version, images)
+        VALUES (rid, new_version, CASE WHEN image IS NULL THEN NULL ELSE jsonb_build_array(image) END);
+        PERFORM pg_notify({channel}, '');
+    ELSE
+        UPDATE {s}.outbox AS o
+        SET images = CASE WHEN image IS NULL OR jsonb_array_length(o.images) >= {max_images} THEN NULL
+                          ELSE o.images || jsonb_build_array(image) END
+        WHERE o.xid = current_xid AND o.root_id = rid AND o.images IS NOT NULL;
+    END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION {s}.bump_root(rid text) RETURNS void LANGUAGE sql AS $fn$
+    SELECT {s}.bump_root(rid, NULL::jsonb);
+$fn$;
+""",
 }
 
 
@@ -182,7 +232,7 @@ WITH gone AS (
 ), bumped AS (
     UPDATE {s}.roots SET version = $7, last_xid = pg_current_xact_id()::text::bigint WHERE root_id = $1
 ), logged AS (
-    INSERT INTO {s}.outbox (root_id, version) VALUES ($1, $7)
+    INSERT INTO {s}.outbox (root_id, version, images) VALUES ($1, $7, $9::jsonb)
 )
 SELECT pg_notify($8, '')"""
         self.create_root = f"""
@@ -195,7 +245,8 @@ WITH made AS (
     INSERT INTO {s}.nodes (root_id, id, parent_id, data, row_version)
     SELECT root_id, root_id, NULL, $2::jsonb, 1 FROM made
 ), logged AS (
-    INSERT INTO {s}.outbox (root_id, version) SELECT root_id, 1 FROM made
+    INSERT INTO {s}.outbox (root_id, version, images)
+    SELECT root_id, 1, jsonb_build_array(jsonb_build_array(root_id, NULL, $2::jsonb, 1)) FROM made
 )
 SELECT count(*) AS created, pg_notify($3, '') FROM made"""
         self.version = f"SELECT version FROM {s}.roots WHERE root_id = $1"
@@ -217,9 +268,10 @@ WITH snap AS MATERIALIZED (  -- once, not once per row
            ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(c) AS x) AS xip
     FROM pg_current_snapshot() AS c
 )
-SELECT snap.xmin, snap.xmax, snap.xip, o.root_id, o.version, o.committed_at
+SELECT snap.xmin, snap.xmax, snap.xip, o.root_id, o.version, o.committed_at, o.images::text AS images
 FROM snap
-LEFT JOIN {s}.outbox AS o ON (o.xid >= $1 AND o.xid < $3) OR o.xid = ANY($2::bigint[])
+LEFT JOIN {s}.outbox AS o ON ((o.xid >= $1 AND o.xid < $3) OR o.xid = ANY($2::bigint[]))
+    AND ($4::bytea IS NULL OR get_bit($4::bytea, o.slot) = 1)
 ORDER BY o.xid, o.id"""
         self.watermark = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
         self.prune = f"""
@@ -233,16 +285,18 @@ WITH gone AS (
 )
 SELECT count(*) FROM gone"""
         self.save_checkpoint = (
-            f"INSERT INTO {s}.checkpoints (name, cursor, saved_at) VALUES ($1, $2, now())"
-            f" ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor, saved_at = excluded.saved_at"
+            f"INSERT INTO {s}.checkpoints (name, cursor, saved_at, slots) VALUES ($1, $2, now(), $3)"
+            f" ON CONFLICT (name) DO UPDATE"
+            f" SET cursor = excluded.cursor, saved_at = excluded.saved_at, slots = excluded.slots"
         )
         # Age by the server's clock only: the client's may differ; never negative if the clock steps back.
         # "kept": pruning never deleted a row the cursor would deliver (xid >= cursor).
         self.load_checkpoint = (
-            f"SELECT c.cursor, greatest(extract(epoch FROM now() - c.saved_at), 0)::float8 AS age,"
-            f" c.cursor > coalesce((SELECT max(p.max_xid) FROM {s}.outbox_pruned AS p), -1) AS kept"
+            f"SELECT c.name, c.cursor, greatest(extract(epoch FROM now() - c.saved_at), 0)::float8 AS age,"
+            f" c.cursor > coalesce((SELECT max(p.max_xid) FROM {s}.outbox_pruned AS p), -1) AS kept, c.slots"
             f" FROM {s}.checkpoints AS c WHERE c.name = $1"
         )
+        self.checkpoints = self.load_checkpoint.replace(" WHERE c.name = $1", " ORDER BY c.name")
         by_code_point = 'root_id COLLATE "C"'  # matches the roots_by_code_point index
         self.root_versions_first = f"SELECT root_id, version FROM {s}.roots ORDER BY {by_code_point} LIMIT $1"
         self.root_versions_after = (
@@ -277,7 +331,9 @@ async def migrate(conn: Any, sql: Sql) -> None:
                 f"schema {sql.schema} is at version {level}, newer than this code ({SCHEMA_VERSION})"
             )
         for step in range(level + 1, SCHEMA_VERSION + 1):
-            await conn.execute(_MIGRATIONS[step].format(s=sql.schema, channel=_literal(sql.channel)))
+            await conn.execute(
+                _MIGRATIONS[step].format(s=sql.schema, channel=_literal(sql.channel), max_images=MAX_IMAGES)
+            )
         if level < SCHEMA_VERSION:
             await conn.execute(f"DELETE FROM {sql.schema}.schema_version")
             await conn.execute(f"INSERT INTO {sql.schema}.schema_version VALUES ({SCHEMA_VERSION})")

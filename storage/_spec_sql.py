@@ -50,7 +50,7 @@ _KEY_KINDS: dict[str, KeyKind] = {
 _CAST: dict[KeyKind, str] = {"integer": "int8", "text": "text", "uuid": "uuid"}
 _ROW_TRIGGER_AFTER_IUD = 1 | 4 | 8 | 16  # pg_trigger.tgtype: ROW, INSERT, DELETE, UPDATE (AFTER = not 2)
 _FUNCTION_PREFIX = "spec_track_"
-_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]{0,18})")
+_CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]{0,18}")  # as PostgreSQL prints an integer: never "-0"
 _MAX_BUILD_ARGS = 100  # jsonb_build_object takes at most 100 arguments: 50 columns per call
 
 
@@ -165,6 +165,24 @@ class SpecSql:
 
     def function_body(self, table: TableSpec) -> str:
         s = self.sql.schema
+        key = _q(table.key)
+        children = [t for t in self.spec.tables if t.parent == table.name]
+        # The new root gets the row's after-image, unless a subtree may have come with it (a row with
+        # child tables that moved between roots, changed its key, or was inserted below existing
+        # children): then NULL, and the root's change is loaded from a snapshot.
+        doubts = ["FALSE"]
+        if children:
+            doubts = [
+                f"(TG_OP = 'UPDATE' AND (old_root IS DISTINCT FROM new_root OR OLD.{key} <> NEW.{key}))",
+                *(
+                    f"(TG_OP = 'INSERT' AND EXISTS (SELECT FROM {self.qualified(child)} AS c"
+                    f" WHERE c.{_q(child.parent_key or '')} = NEW.{key}))"
+                    for child in children
+                ),
+            ]
+        # A row whose key changed is another node, also a leaf's: the old one leaves its graph (the new
+        # image alone would leave it in a graph patched from the images).
+        moved = f"old_root IS DISTINCT FROM new_root OR (TG_OP = 'UPDATE' AND OLD.{key} <> NEW.{key})"
         return f"""
 DECLARE
     new_root text;
@@ -176,15 +194,28 @@ BEGIN
     IF TG_OP <> 'INSERT' THEN
         old_root := {self._root_of(table, "OLD")};
     END IF;
-    IF new_root IS NOT NULL THEN
-        PERFORM {s}.bump_root(new_root);
+    IF old_root IS NOT NULL AND ({moved}) THEN
+        PERFORM {s}.bump_root(old_root, jsonb_build_array({self._node_id(table, "OLD")}));
     END IF;
-    IF old_root IS NOT NULL AND old_root IS DISTINCT FROM new_root THEN
-        PERFORM {s}.bump_root(old_root);
+    IF new_root IS NOT NULL THEN
+        PERFORM {s}.bump_root(new_root, CASE WHEN {" OR ".join(doubts)} THEN NULL
+            ELSE {self._image(table, "NEW")} END);
     END IF;
     RETURN NULL;
 END
 """
+
+    def _node_id(self, table: TableSpec, record: str) -> str:
+        return f"{_literal(table.name + ':')} || {record}.{_q(table.key)}::text"
+
+    def _image(self, table: TableSpec, record: str) -> str:
+        """The after-image of ``record``, as the loader would return the node: [id, parent_id, data, 0]."""
+        if table.parent is None or table.parent_key is None:
+            parent_id = "NULL::text"
+        else:
+            parent_id = f"{_literal(table.parent + ':')} || {record}.{_q(table.parent_key)}::text"
+        data = _data(record, table.columns)
+        return f"jsonb_build_array({self._node_id(table, record)}, {parent_id}, {data}, 0)"
 
     def root_id_is_canonical(self, root_id: str) -> bool:
         """Whether ``root_id`` is a key as PostgreSQL prints it (the only form a trigger records)."""

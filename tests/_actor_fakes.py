@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from graphcache.storage import Change, Checkpoint, Graph, GraphStore, MemoryStore, Op, StoreUnavailable
+from graphcache.storage import (
+    Change,
+    Checkpoint,
+    Graph,
+    GraphStore,
+    MemoryStore,
+    Op,
+    SlotFilter,
+    StoreUnavailable,
+)
 
 
 class WrappedStore:
@@ -34,11 +43,14 @@ class WrappedStore:
     async def cursor(self) -> int:
         return await self.inner.cursor()
 
-    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
-        return self.inner.changes(after=after)
+    def changes(self, *, after: int | None = None, slots: SlotFilter | None = None) -> AsyncIterator[Change]:
+        return self.inner.changes(after=after, slots=slots)
 
-    async def save_checkpoint(self, name: str, cursor: int) -> None:
-        await self.inner.save_checkpoint(name, cursor)
+    async def save_checkpoint(self, name: str, cursor: int, *, slots: Collection[int] | None = None) -> None:
+        await self.inner.save_checkpoint(name, cursor, slots=slots)
+
+    async def checkpoints(self) -> list[tuple[str, Checkpoint]]:
+        return await self.inner.checkpoints()
 
     async def load_checkpoint(self, name: str) -> Checkpoint | None:
         return await self.inner.load_checkpoint(name)
@@ -170,11 +182,11 @@ class BrokenFeedStore(WrappedStore):
         self.opened_after: list[int | None] = []
         self.reopened = anyio.Event()
 
-    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
+    def changes(self, *, after: int | None = None, slots: SlotFilter | None = None) -> AsyncIterator[Change]:
         self.opened_after.append(after)
         if len(self.opened_after) == 2:
             self.reopened.set()
-        feed = self.inner.changes(after=after)
+        feed = self.inner.changes(after=after, slots=slots)
         return self._break(feed) if len(self.opened_after) == 1 else feed
 
     async def _break(self, feed: AsyncIterator[Change]) -> AsyncIterator[Change]:
@@ -206,7 +218,7 @@ class BogusChangeStore(WrappedStore):
         super().__init__(inner)
         self.bogus = bogus
 
-    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
+    def changes(self, *, after: int | None = None, slots: SlotFilter | None = None) -> AsyncIterator[Change]:
         return self._prepend(self.inner.changes(after=after))
 
     async def _prepend(self, feed: AsyncIterator[Change]) -> AsyncIterator[Change]:

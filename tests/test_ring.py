@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphcache.actors import ActorError, EmptyRing, InvalidArgument, InvalidNodeId, InvalidRingConfig, Ring
-from graphcache.actors._ring import _vnode_positions, _words
+from graphcache.actors._ring import _vnode_positions, slot_probes
+from graphcache.storage import slot_of
 
 SPACE = 1 << 64
 
@@ -20,11 +21,12 @@ root_ids = st.lists(st.text(max_size=20), min_size=1, max_size=50)
 
 
 def reference_owner(nodes: set[str], vnodes: int, probes: int, root_id: str) -> str:
-    """The owner by the module's definition: argmin over nodes of (shortest probe-to-vnode distance, id)."""
+    """The owner by the module's definition: argmin over nodes of (shortest distance from a probe of the
+    root's slot to a virtual node, id)."""
 
     def score(node: str) -> int:
         positions = _vnode_positions(node, vnodes)
-        return min((q - p) % SPACE for p in _words(root_id.encode(), probes) for q in positions)
+        return min((q - p) % SPACE for p in slot_probes(slot_of(root_id), probes) for q in positions)
 
     return min(nodes, key=lambda node: (score(node), node))
 

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
-from graphcache.storage import Upsert
+from graphcache.storage import Upsert, slot_of
 from graphcache.storage._schema import SCHEMA_VERSION
 from tests._shared_fixtures import Connect
 
@@ -111,7 +112,7 @@ async def test_a_version_2_schema_is_upgraded_on_connect(
     await raw.execute(f"DROP INDEX {s}.roots_by_code_point")
     await raw.execute(f"UPDATE {s}.schema_version SET version = 2")
     store = await connect()
-    assert await raw.fetchval(f"SELECT version FROM {s}.schema_version") == SCHEMA_VERSION == 3
+    assert await raw.fetchval(f"SELECT version FROM {s}.schema_version") == SCHEMA_VERSION == 4
     assert await raw.fetchval(f"SELECT count(*) FROM {s}.outbox_pruned") == 1
     await store.save_checkpoint("n", 7)
     checkpoint = await store.load_checkpoint("n")
@@ -120,6 +121,25 @@ async def test_a_version_2_schema_is_upgraded_on_connect(
     assert await store.apply("r", [Upsert("c", "r", {})]) == 2
     assert await store.root_versions() == [("r", 2)]
     assert (await store.load("r")).nodes["r"].data == {"kept": True}
+
+
+async def test_a_version_3_schema_gets_row_images_and_slots_on_connect(
+    connect: Connect, raw: asyncpg.Connection, pg_schema: str
+) -> None:
+    """A schema left at version 3 (no outbox images or slots) is upgraded: old rows get their slot."""
+    old = await connect()
+    await old.create_root("r", {"kept": True})
+    await old.aclose()
+    s = f'"{pg_schema}"'
+    await raw.execute(f"ALTER TABLE {s}.outbox DROP COLUMN slot, DROP COLUMN images")
+    await raw.execute(f"DROP FUNCTION {s}.slot_of(text), {s}.bump_root(text, jsonb)")
+    await raw.execute(f"UPDATE {s}.schema_version SET version = 3")
+    store = await connect()
+    assert await raw.fetchval(f"SELECT version FROM {s}.schema_version") == SCHEMA_VERSION
+    assert await raw.fetchval(f"SELECT slot FROM {s}.outbox WHERE root_id = 'r'") == slot_of("r")
+    assert await store.apply("r", [Upsert("c", "r", {"n": 1})]) == 2
+    images = await raw.fetchval(f"SELECT images::text FROM {s}.outbox WHERE version = 2")
+    assert msgspec.json.decode(images) == [["c", "r", {"n": 1}, 1]]
 
 
 async def test_root_versions_reads_roots_by_their_code_point_index(

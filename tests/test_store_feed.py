@@ -13,9 +13,10 @@ import anyio
 import asyncpg
 import pytest
 
-from graphcache.storage import Change, PostgresStore, StoreUnavailable, Upsert
+from graphcache.storage import SLOTS, Change, PostgresStore, StoreUnavailable, Upsert
 from graphcache.storage._postgres import _poll_upper_bound
 from graphcache.storage._schema import SCHEMA_VERSION
+from graphcache.storage._slots import slot_bitmap
 from tests._shared_fixtures import Connect
 from tests.test_store_contract import collect_until, writer_on_own_root
 
@@ -288,11 +289,13 @@ async def test_the_poll_reads_a_fresh_outbox_by_its_xid_index(
         " SELECT 1000 + g, 'r' || (g % 8), g FROM generate_series(1, 5000) AS g"
     )
     poll_sql = store._sql.poll
-    args = (5990, [5985], _poll_upper_bound(5990))
-    plans = [await raw.fetchval(f"EXPLAIN (FORMAT JSON) {poll_sql}", *args)]
-    async with raw.transaction():
-        await raw.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+    plans = []
+    for slots in (None, slot_bitmap(range(0, SLOTS, 2))):  # every slot, and a node's share of them
+        args = (5990, [5985], _poll_upper_bound(5990), slots)
         plans.append(await raw.fetchval(f"EXPLAIN (FORMAT JSON) {poll_sql}", *args))
+        async with raw.transaction():
+            await raw.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            plans.append(await raw.fetchval(f"EXPLAIN (FORMAT JSON) {poll_sql}", *args))
     for plan in plans:
         scans = list(_plan_nodes(json.loads(plan)[0]["Plan"]))
         on_outbox = [node["Node Type"] for node in scans if node.get("Relation Name") == "outbox"]

@@ -28,6 +28,7 @@ from graphcache.storage._feed import (
     Outbox,
     PollResult,
     PostgresFeed,
+    Row,
     _per_root_increasing,
 )
 from graphcache.storage._postgres import _seam
@@ -127,13 +128,14 @@ async def test_memory_feed_from_an_old_cursor_starts_at_the_oldest_retained_chan
 
 def test_within_a_poll_each_roots_changes_come_in_version_order() -> None:
     """Rows in xid order are reordered per root by version, keeping the slots each root occupies."""
-    rows = [("a", 3, 0.0), ("b", 1, 0.0), ("a", 2, 0.0), ("b", 2, 0.0), ("a", 4, 0.0)]
-    assert _per_root_increasing(rows) == [
-        ("a", 2, 0.0),
-        ("b", 1, 0.0),
-        ("a", 3, 0.0),
-        ("b", 2, 0.0),
-        ("a", 4, 0.0),
+    rows: list[Row] = [("a", 3, 0.0, None), ("b", 1, 0.0, None), ("a", 2, 0.0, None)]
+    rows += [("b", 2, 0.0, None), ("a", 4, 0.0, None)]
+    assert [row[:2] for row in _per_root_increasing(rows)] == [
+        ("a", 2),
+        ("b", 1),
+        ("a", 3),
+        ("b", 2),
+        ("a", 4),
     ]
 
 
@@ -168,7 +170,9 @@ class ScriptedOutbox:
     async def disconnect(self, conn: FeedConnection) -> None:
         self.disconnected.append(conn)
 
-    async def poll(self, conn: FeedConnection, lower: int, extra: Sequence[int]) -> PollResult:
+    async def poll(
+        self, conn: FeedConnection, lower: int, extra: Sequence[int], slots: bytes | None = None
+    ) -> PollResult:
         self.asked.append((lower, list(extra)))
         if len(self.asked) == len(self.polls) and self.feed is not None:
             await self.feed.aclose()
@@ -194,9 +198,9 @@ async def test_feed_skips_superseded_versions_and_tracks_the_snapshot() -> None:
     """A root version lower than one already delivered is skipped; each poll asks from xmax and xip."""
     outbox = ScriptedOutbox(
         [
-            PollResult(100, 105, [100, 103], [("a", 5, 0.0), ("b", 1, 0.0)]),
-            PollResult(103, 110, [103], [("a", 4, 0.0), ("a", 6, 0.0)]),
-            PollResult(110, 110, [], [("a", 6, 0.0), ("b", 2, 0.0)]),
+            PollResult(100, 105, [100, 103], [("a", 5, 0.0, None), ("b", 1, 0.0, None)]),
+            PollResult(103, 110, [103], [("a", 4, 0.0, None), ("a", 6, 0.0, None)]),
+            PollResult(110, 110, [], [("a", 6, 0.0, None), ("b", 2, 0.0, None)]),
         ]
     )
     feed = PostgresFeed(outbox, 90, listen=False, poll_interval=0.01)
@@ -210,7 +214,7 @@ async def test_feed_skips_superseded_versions_and_tracks_the_snapshot() -> None:
 
 async def test_feed_polls_start_at_least_min_poll_interval_apart() -> None:
     """A feed with rows on every poll still spaces its polls: n polls span at least n - 1 intervals."""
-    polls = [PollResult(100 + i, 101 + i, [], [("a", i + 1, 0.0)]) for i in range(10)]
+    polls = [PollResult(100 + i, 101 + i, [], [("a", i + 1, 0.0, None)]) for i in range(10)]
     outbox = ScriptedOutbox(polls)
     feed = PostgresFeed(outbox, 90, listen=False, poll_interval=1.0, min_poll_interval=0.02)
     outbox.feed = feed
@@ -379,7 +383,9 @@ class FailingOutbox(ScriptedOutbox):
         self.connections.append(FakeConnection())
         return self.connections[-1]
 
-    async def poll(self, conn: FeedConnection, lower: int, extra: Sequence[int]) -> PollResult:
+    async def poll(
+        self, conn: FeedConnection, lower: int, extra: Sequence[int], slots: bytes | None = None
+    ) -> PollResult:
         self.attempts += 1
         if self.attempts <= self.failures:
             self.wake()  # the lost connection's termination listener fires first
@@ -392,7 +398,7 @@ async def test_a_failing_feed_reports_it_backs_off_and_delivers_once_polls_succe
 ) -> None:
     """A poll failure sets statistics().failing and drops the connection; the next good poll clears it."""
     monkeypatch.setattr("graphcache.storage._feed._backoff", lambda base, attempt: 0.0)
-    outbox = FailingOutbox(2, [PollResult(100, 101, [], [("a", 1, 0.0)]), PollResult(101, 101, [], [])])
+    outbox = FailingOutbox(2, [PollResult(100, 101, [], [("a", 1, 0.0, None)]), PollResult(101, 101, [], [])])
     feed = PostgresFeed(outbox, 90, listen=False, poll_interval=0.01)
     outbox.feed = feed
     assert feed.statistics().failing is False
@@ -431,7 +437,7 @@ async def test_a_back_off_is_not_cut_short_by_the_lost_connections_wake_up(
 
 
 def test_feed_statistics_grow_with_defaulted_fields_at_the_end() -> None:
-    """FeedStatistics built from the seven original fields still works; failing defaults to False."""
+    """FeedStatistics built from the seven original fields still works; the later ones have defaults."""
     statistics = FeedStatistics(1, 0, 2, 0, 1, True, 5)
-    assert statistics.failing is False
-    assert FeedStatistics._fields[-1] == "failing"
+    assert (statistics.failing, statistics.rows) == (False, 0)
+    assert FeedStatistics._fields[-2:] == ("failing", "rows")
