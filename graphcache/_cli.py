@@ -1,4 +1,4 @@
-"""graphcache's command line: demo | serve | loadtest | check | bench (``python -m graphcache``).
+"""graphcache's command line: demo | serve | track | loadtest | check | bench (``python -m graphcache``).
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 This module wires them together and holds what they share: option types that check each flag as it is
@@ -9,7 +9,8 @@ parsed, and one rule for failures: one line on stderr and an exit status, never 
   2  bad input: a flag, a combination of flags or an input file, found before any server is contacted
 
 Option types raise ``argparse.ArgumentTypeError``, which argparse turns into "argument --flag: reason";
-checks that need several flags raise `UsageError`. Messages never show a URL's password.
+checks that need several flags raise `UsageError`. Messages never show a URL's password. ``env_option``
+adds a flag whose default comes from a ``GRAPHCACHE_*`` environment variable (``serve``, ``track``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from . import __version__
 from .cache import CacheError
-from .storage import StoreError
+from .storage import GraphSpec, SpecError, StoreError
 
 __all__ = (
     "EXIT_FAILURE",
@@ -39,6 +40,10 @@ __all__ = (
     "count",
     "count_or_zero",
     "describe",
+    "env_checked",
+    "env_default",
+    "env_option",
+    "graph_spec",
     "identifier",
     "log_level",
     "main",
@@ -48,6 +53,7 @@ __all__ = (
     "number",
     "number_or_zero",
     "one_line",
+    "optional_graph_spec",
     "port",
     "postgres_dsn",
     "redact",
@@ -72,6 +78,11 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "graphcache.sidecar._serve",
         "the sidecar: one node with Prometheus /metrics, /healthz and /readyz",
         "sidecar",
+    ),
+    "track": (
+        "graphcache._track",
+        "install or update the change-tracking triggers of a graph spec (your own tables)",
+        None,
     ),
     "loadtest": (
         "graphcache.harness._loadtest",
@@ -332,6 +343,83 @@ def new_directory(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
     return path
+
+
+def graph_spec(text: str) -> GraphSpec:
+    """A graph spec file (TOML), read and checked as far as the file alone can show
+    (``GraphSpec.from_toml``); the catalog is checked once connected."""
+    if not text:
+        raise argparse.ArgumentTypeError("is required: the graph spec file (TOML)")
+    try:
+        return GraphSpec.from_toml(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def optional_graph_spec(text: str) -> GraphSpec | None:
+    """A graph spec file like `graph_spec`, or nothing (empty text)."""
+    return graph_spec(text) if text else None
+
+
+# ---- options from the environment -------------------------------------------------------------------
+
+
+class _FromEnvironment(str):
+    """A flag's default taken from its GRAPHCACHE_* variable, so a bad value names the variable too."""
+
+    variable: str
+
+
+def env_default(env: str, default: str) -> str:
+    """The value of ``GRAPHCACHE_<env>`` if it is set, else ``default``."""
+    name = f"GRAPHCACHE_{env}"
+    if name not in os.environ:
+        return default
+    value = _FromEnvironment(os.environ[name])
+    value.variable = name
+    return value
+
+
+def env_checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert``, whose complaint about a value from the environment also names the variable."""
+
+    def check(text: str) -> Any:
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError as exc:
+            if isinstance(text, _FromEnvironment):
+                raise argparse.ArgumentTypeError(f"{exc} (from {text.variable})") from None
+            raise
+
+    check.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in some messages
+    return check
+
+
+def env_option(
+    parser: argparse.ArgumentParser,
+    flag: str | tuple[str, ...],
+    env: str,
+    default: str,
+    help_text: str,
+    *,
+    convert: Callable[[str], Any],
+    secret: bool = False,
+    metavar: str | None = None,
+    shown: str | None = None,
+) -> None:
+    """A flag whose default comes from GRAPHCACHE_<env>; the value (either way) is checked by ``convert``.
+    ``shown`` replaces the default in the help text (e.g. "none" for an empty default)."""
+    value = env_default(env, default)
+    if shown is None:
+        shown = redact(value).replace("%", "%%") if secret else "%(default)s"  # never print a password
+    flags = (flag,) if isinstance(flag, str) else flag
+    parser.add_argument(
+        *flags,
+        default=value,  # a string: argparse converts (and so checks) it with ``type`` like a typed flag
+        type=env_checked(convert),
+        metavar=metavar,
+        help=f"{help_text} (default: {shown}) [env GRAPHCACHE_{env}]",
+    )
 
 
 # ---- the parser and main ----------------------------------------------------------------------------

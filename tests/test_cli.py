@@ -93,6 +93,29 @@ def cases(files: dict[str, str], taken_port: int) -> list[Case]:
             1,
             "--postgres",
         ),
+        Case("serve-bad-graph-spec", ["serve", "--graph", files["bad_spec"]], 2, "--graph"),
+        # track
+        Case("track-without-a-spec", ["track"], 2, "--graph"),
+        Case("track-bad-spec", ["track", "--graph", files["bad_spec"]], 2, "parent cycle"),
+        Case(
+            "track-bad-spec-from-environment",
+            ["track"],
+            2,
+            "GRAPHCACHE_GRAPH",
+            (("GRAPHCACHE_GRAPH", files["bad_spec"]),),
+        ),
+        Case(
+            "track-postgres-down-with-a-password",
+            [
+                "track",
+                "--graph",
+                files["spec"],
+                "--postgres",
+                f"postgresql://postgres:{SECRET}@127.0.0.1:1/db",
+            ],
+            1,
+            "--postgres",
+        ),
         # loadtest
         Case("loadtest-negative-duration", ["loadtest", "--duration", "-1"], 2, "--duration"),
         Case("loadtest-no-writers", ["loadtest", "--writers", "0"], 2, "--writers"),
@@ -158,15 +181,21 @@ class Outcome(NamedTuple):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Input files for ``check``: a valid (empty) history, a malformed one, a binary one, a directory."""
+    """Input files for ``check``: a valid (empty) history, a malformed one, a binary one, a directory; for
+    ``track`` and ``serve --graph``: a graph spec and one with a parent cycle."""
     where = tmp_path_factory.mktemp("inputs")
     (where / "history.jsonl").write_text("")
     (where / "malformed.jsonl").write_text('{"process": "w"}\n')
     (where / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     (where / "directory").mkdir()
+    spec = '[graph]\nroot = "orders"\n[tables.orders]\nkey = "id"\n'
+    (where / "spec.toml").write_text(spec)
+    (where / "bad_spec.toml").write_text(spec + '[tables.a]\nkey = "id"\nparent = "a"\nparent_key = "a_id"\n')
     names = ("history", "malformed", "binary", "directory")
     return {name: str(where / f"{name}.jsonl" if name != "directory" else where / name) for name in names} | {
-        "missing": str(where / "missing.jsonl")
+        "missing": str(where / "missing.jsonl"),
+        "spec": str(where / "spec.toml"),
+        "bad_spec": str(where / "bad_spec.toml"),
     }
 
 
@@ -211,17 +240,27 @@ def outcomes(
 
 
 TABLE = cases(
-    {"history": "H", "missing": "M", "malformed": "X", "binary": "B", "directory": "D"}, taken_port=0
+    {
+        "history": "H",
+        "missing": "M",
+        "malformed": "X",
+        "binary": "B",
+        "directory": "D",
+        "spec": "S",
+        "bad_spec": "Y",
+    },
+    taken_port=0,
 )
 
 
 def test_the_table_covers_every_subcommand() -> None:
-    """At least 30 bad invocations, touching demo, serve, loadtest, check, bench cache and bench store."""
+    """At least 30 bad invocations, touching demo, serve, track, loadtest, check, bench cache and bench
+    store."""
     assert len(TABLE) >= 30
     commands = {
         " ".join(case.argv[:2]) if case.argv[:1] == ["bench"] else case.argv[0] for case in TABLE if case.argv
     }
-    assert commands >= {"demo", "serve", "loadtest", "check", "bench cache", "bench store"}
+    assert commands >= {"demo", "serve", "track", "loadtest", "check", "bench cache", "bench store"}
 
 
 @pytest.mark.parametrize("name", [case.name for case in TABLE])
@@ -259,7 +298,8 @@ def _parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Ar
 
 
 @pytest.mark.parametrize(
-    "command", [["demo"], ["serve"], ["loadtest"], ["check"], ["bench", "cache"], ["bench", "store"]]
+    "command",
+    [["demo"], ["serve"], ["track"], ["loadtest"], ["check"], ["bench", "cache"], ["bench", "store"]],
 )
 def test_help_exits_0_and_shows_no_password(
     command: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,9 @@ import anyio
 import asyncpg
 import pytest
 
+from graphcache.actors import Node as CacheNode
+from graphcache.actors import graph_key
+from graphcache.cache import MemoryCache
 from graphcache.storage import (
     Graph,
     InvalidOperation,
@@ -194,3 +198,47 @@ async def test_bad_identifiers_are_refused_before_any_io(table: str, column: str
 
     with pytest.raises(InvalidOperation):
         await install_change_tracking(Untouchable(), table, column)
+
+
+def empty_when_gone_loader(schema: str) -> Any:
+    """A loader that finds no rows for an order whose row is gone, and says so with an empty graph."""
+    load_order = order_loader(schema)
+
+    async def load(conn: Any, root_id: str) -> Graph:
+        if await conn.fetchval(f'SELECT id FROM "{schema}".orders WHERE id = $1', root_id) is None:
+            return Graph(root_id, 0, {})
+        graph: Graph = await load_order(conn, root_id)
+        return graph
+
+    return load
+
+
+async def test_a_loader_finding_no_rows_is_root_not_found_and_nothing_is_cached(
+    shop: Any, pg_schema: str, postgres_dsn: str
+) -> None:
+    """A loader's empty graph (the order was deleted) is RootNotFound carrying the deletion's version,
+    never an empty graph: a node's read and its rebuild cache nothing, and the key is floored."""
+    _, conn = shop
+    s = f'"{pg_schema}"'
+    await place_order(conn, pg_schema, "o1", lines=2)
+    async with conn.transaction():
+        await conn.execute(f"DELETE FROM {s}.order_lines WHERE order_id = 'o1'")
+        await conn.execute(f"DELETE FROM {s}.orders WHERE id = 'o1'")
+    store = await PostgresStore.connect(
+        postgres_dsn, pg_schema, loader=empty_when_gone_loader(pg_schema), poll_interval=0.1
+    )
+    async with store, MemoryCache() as cache, CacheNode(store=store, cache=cache, node_id="n1") as node:
+        with pytest.raises(RootNotFound) as raised:
+            await store.load("o1")
+        assert raised.value.version == 2
+        assert await store.load_many(["o1"]) == {}
+        with pytest.raises(RootNotFound):
+            await node.get("o1")
+        assert await cache.get(graph_key("o1")) is None
+        node.refresh("o1")  # the rebuild path: the actor forgets the root instead of caching it
+        deadline = time.monotonic() + 30
+        while node.statistics().roots_forgotten < 1:
+            assert time.monotonic() < deadline, "the rebuild never forgot the deleted order"
+            await anyio.sleep(0.01)
+        assert await cache.get(graph_key("o1")) is None
+        assert not await cache.put_if_newer(graph_key("o1"), Graph("o1", 2, {}), 2)  # floored at 2
