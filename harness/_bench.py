@@ -2,6 +2,7 @@
 
 bench cache   put_if_newer (plain, leased) vs raw SET, get vs raw GET/HGET (redis-py), same Redis
 bench store   apply vs the same transaction in raw asyncpg, load of a 50-node graph, feed latency
+bench sidecar GET /v1/graphs/ID through graphcache serve vs raw HGET + msgpack decode, p50/p99 latency
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-_TARGETS = {"cache": "graphcache.harness._bench_cache", "store": "graphcache.harness._bench_store"}
+_TARGETS = {
+    "cache": "graphcache.harness._bench_cache",
+    "store": "graphcache.harness._bench_store",
+    "sidecar": "graphcache.harness._bench_sidecar",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -239,6 +239,13 @@ _ROOT_ID = {
 _UNAUTHORIZED = _problem_response("Missing or wrong bearer token (only when the sidecar has --api-token).")
 _BAD = _problem_response("Bad root id or min_version; nothing was read or written.")
 _UNAVAILABLE = _problem_response("PostgreSQL or Redis unavailable, or the node is starting.")
+_METRICS = {
+    "description": "Prometheus text, or OpenMetrics when the Accept header asks for it (as Prometheus does).",
+    "content": {
+        "text/plain": {"schema": {"type": "string"}},
+        "application/openmetrics-text": {"schema": {"type": "string"}},
+    },
+}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -310,7 +317,8 @@ def openapi_document() -> dict[str, Any]:
                             "headers": {"ETag": {"schema": {"type": "string"}}},
                             "content": {
                                 "application/json": {"schema": {"$ref": "#/components/schemas/Graph"}},
-                                MSGPACK: {"schema": {"type": "string", "contentMediaType": MSGPACK}},
+                                # the same object, msgpack-encoded (Accept: application/msgpack)
+                                MSGPACK: {"schema": {"$ref": "#/components/schemas/Graph"}},
                             },
                         },
                         "304": {"description": "If-None-Match matched the current version."},
@@ -350,7 +358,7 @@ def openapi_document() -> dict[str, Any]:
             "/metrics": {
                 "get": {
                     "summary": "Prometheus text exposition of the node's metrics.",
-                    "responses": {"200": _text("Prometheus metrics")},
+                    "responses": {"200": _METRICS},
                 }
             },
             "/openapi.json": {

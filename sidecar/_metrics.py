@@ -16,7 +16,9 @@ _COUNTERS = (
     ("notifications", "notifications", "Change notifications routed to this node's actors."),
     ("notifications_ignored", "ignored", "Change notifications for roots another node owns."),
     ("coalesced", "coalesced", "Notifications that cost no rebuild of their own."),
-    ("rebuilds", "rebuilds", "Rebuilds: one store snapshot and one versioned put each."),
+    ("rebuilds", "rebuilds", "Rebuilds: one versioned put each, of a graph loaded or patched from the feed."),
+    ("snapshot_loads", "snapshot_loads", "Roots loaded from a store snapshot for a rebuild."),
+    ("patched_rebuilds", "patched", "Rebuilds patched in memory from the feed's row images: no store read."),
     ("rebuild_batches", "rebuild_batches", "Batches of rebuilds that started together: one load, one put."),
     ("rebuild_failures", "failures", "Failed rebuild attempts (retried with backoff, or given up)."),
     ("reads", "reads", "get() calls."),
@@ -31,6 +33,7 @@ _COUNTERS = (
         "Rebuilds that found the root row gone: graph removed, key floored.",
     ),
     ("sweeps", "sweeps", "Reconcile sweeps finished."),
+    ("feed_rows", "feed_rows", "Changes this node's feed read from the store (only the slots it owns)."),
     ("sweep_failures", "sweep_failures", "Reconcile sweeps that failed (retried with backoff)."),
 )
 _GAUGES = (

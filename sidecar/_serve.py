@@ -5,10 +5,15 @@ membership joined, Redis and PostgreSQL reachable: 200, or 503 with the reasons)
 Nodes find each other through heartbeats in Redis (--membership redis). Every option can also come from
 the environment variable shown in brackets.
 
+The graphs are the store's own tables in --schema, or, with --graph SPEC, rows of your own tables
+described by a graph spec (TOML) whose change tracking `graphcache track` installed in --schema; the
+nodes of such a graph are named "<table>:<key>".
+
 It keeps running through outages: PostgreSQL or Redis down, restarted or failing over is retried with
-capped backoff and shown by /readyz and /metrics. Only SIGTERM/SIGINT (exit 0), a bad option (exit 2),
-servers still unreachable --startup-timeout seconds after start-up or an HTTP address that cannot be
-bound (exit 1, one line naming the flag) end it. Once the node runs, it writes one line to stdout:
+capped backoff and shown by /readyz and /metrics. Only SIGTERM/SIGINT (exit 0), a bad option or a graph
+spec that does not fit the database or is not tracked (exit 2), servers still unreachable
+--startup-timeout seconds after start-up or an HTTP address that cannot be bound (exit 1, one line
+naming the flag) end it. Once the node runs, it writes one line to stdout:
 "graphcache node NODE_ID ready http://HOST:PORT".
 """
 
@@ -26,6 +31,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,16 +39,20 @@ import anyio.abc
 import uvicorn
 
 from .._cli import (
+    EXIT_USAGE,
     UsageError,
     choice,
+    env_checked,
+    env_default,
+    env_option,
     identifier,
     log_level,
     namespace,
     non_blank,
     one_line,
+    optional_graph_spec,
     port,
     postgres_dsn,
-    redact,
     redis_url,
     seconds,
     seconds_or_zero,
@@ -59,7 +69,7 @@ from ..actors import (
     is_transient,
 )
 from ..cache import CacheError, RedisCache
-from ..storage import InvalidOperation, PostgresStore, StoreError
+from ..storage import InvalidOperation, PostgresStore, SpecError, StoreError
 from ._api import build_app
 
 __all__ = ("add_arguments", "run")
@@ -67,151 +77,112 @@ __all__ = ("add_arguments", "run")
 logger = logging.getLogger(__name__)
 
 
-class _FromEnvironment(str):
-    """A flag's default taken from its GRAPHCACHE_* variable, so a bad value names the variable too."""
-
-    variable: str
-
-
-def _default(env: str, default: str) -> str:
-    name = f"GRAPHCACHE_{env}"
-    if name not in os.environ:
-        return default
-    value = _FromEnvironment(os.environ[name])
-    value.variable = name
-    return value
-
-
-def _checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``convert``, whose complaint about a value from the environment also names the variable."""
-
-    def check(text: str) -> Any:
-        try:
-            return convert(text)
-        except argparse.ArgumentTypeError as exc:
-            if isinstance(text, _FromEnvironment):
-                raise argparse.ArgumentTypeError(f"{exc} (from {text.variable})") from None
-            raise
-
-    check.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in some messages
-    return check
-
-
-def _option(
-    parser: argparse.ArgumentParser,
-    flag: str | tuple[str, ...],
-    env: str,
-    default: str,
-    help_text: str,
-    *,
-    convert: Callable[[str], Any],
-    secret: bool = False,
-    metavar: str | None = None,
-) -> None:
-    """A flag whose default comes from GRAPHCACHE_<env>; the value (either way) is checked by ``convert``."""
-    value = _default(env, default)
-    shown = redact(value).replace("%", "%%") if secret else "%(default)s"  # never print a password
-    flags = (flag,) if isinstance(flag, str) else flag
-    parser.add_argument(
-        *flags,
-        default=value,  # a string: argparse converts (and so checks) it with ``type`` like a typed flag
-        type=_checked(convert),
-        metavar=metavar,
-        help=f"{help_text} (default: {shown}) [env GRAPHCACHE_{env}]",
-    )
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` subcommand's options; each defaults to its GRAPHCACHE_* environment variable."""
-    _option(
+    env_option(
         parser, "--redis", "REDIS", "redis://127.0.0.1:6379/0", "Redis URL of the cache and membership",
         convert=redis_url, secret=True, metavar="URL",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--postgres", "POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres", "PostgreSQL URL",
         convert=postgres_dsn, secret=True, metavar="DSN",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--node-id", "NODE_ID", socket.gethostname(),
         "this node's unique id; a node restarted under the same id resumes the change feed from its"
         " durable checkpoint (set one per sidecar when several run on one host)",
         convert=non_blank, metavar="ID",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--namespace", "NAMESPACE", "gc",
         "Redis key namespace of the cache and the members set (letters, digits, _ . -)", convert=namespace,
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--schema", "SCHEMA", "graphcache", "PostgreSQL schema of the graphs and the outbox",
         convert=identifier,
     )  # fmt: skip
-    _option(
+    env_option(
+        parser, "--graph", "GRAPH", "",
+        "graph spec (TOML) of graphs kept in your own tables; its change tracking must be installed in"
+        " --schema first (graphcache track)",
+        convert=optional_graph_spec, metavar="SPEC", shown="none: the built-in tables",
+    )  # fmt: skip
+    env_option(
         parser, "--membership", "MEMBERSHIP", "redis", "redis: find siblings by heartbeats; static: alone",
         convert=choice("redis", "static"), metavar="{redis,static}",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--heartbeat", "HEARTBEAT", "1.0", "seconds between membership heartbeats (less than --ttl)",
         convert=seconds, metavar="SECONDS",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--ttl", "TTL", "3.0", "seconds after its last heartbeat a node drops out",
         convert=seconds, metavar="SECONDS",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--consistency", "CONSISTENCY", "bounded",
         "bounded: serve the previous graph until the rebuild lands; strict: invalidate first",
         convert=choice("bounded", "strict"), metavar="{bounded,strict}",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--idle-timeout", "IDLE_TIMEOUT", "30.0", "seconds before an idle actor passivates",
         convert=seconds, metavar="SECONDS",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--min-rebuild-interval", "MIN_REBUILD_INTERVAL", str(DEFAULT_MIN_REBUILD_INTERVAL),
-        "seconds between the starts of two rebuilds of one root (0: no pacing); the change feed is"
-        " then read at most every half of it",
+        "seconds between the starts of two snapshot loads of one root (0: no pacing); rebuilds patched"
+        " from the feed's row images are not paced",
         convert=seconds_or_zero, metavar="SECONDS",
     )  # fmt: skip
-    _option(
+    env_option(
+        parser, "--feed-interval", "FEED_INTERVAL", str(DEFAULT_FEED_INTERVAL),
+        "seconds between the starts of two reads of the change feed (0: one per NOTIFY): the freshness"
+        " of patched rebuilds, against one put per root per read under a stream of commits",
+        convert=seconds_or_zero, metavar="SECONDS",
+    )  # fmt: skip
+    env_option(
         parser, "--sweep-interval", "SWEEP_INTERVAL", str(DEFAULT_SWEEP_INTERVAL),
         "seconds between reconcile sweeps (cached against committed versions of the owned roots)",
         convert=seconds, metavar="SECONDS",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--startup-timeout", "STARTUP_TIMEOUT", "30",
         "seconds to keep retrying PostgreSQL and Redis at start-up before exiting 1 (0: forever)",
         convert=seconds_or_zero, metavar="SECONDS",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, ("--host", "--metrics-host"), "HOST", "127.0.0.1",
         "address of the HTTP API, /metrics, /healthz, /readyz (not loopback: needs --api-token);"
         " --metrics-host is a deprecated alias",
         convert=non_blank, metavar="HOST",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, ("--port", "--metrics-port"), "PORT", "9464",
         "port of the HTTP API (0: any); --metrics-port is a deprecated alias", convert=port, metavar="PORT",
     )  # fmt: skip
     parser.add_argument(
         "--api-token",
-        default=_default("API_TOKEN", ""),
-        type=_checked(_token),
+        default=env_default("API_TOKEN", ""),
+        type=env_checked(_token),
         metavar="TOKEN",
         help="bearer token every /v1/ request must carry (default: none; never printed)"
         " [env GRAPHCACHE_API_TOKEN]",
     )
-    _option(
+    env_option(
         parser, "--read-timeout", "READ_TIMEOUT", "10",
         "seconds a GET /v1/graphs/ROOT_ID may take before it answers 504", convert=seconds, metavar="SECONDS",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--log-level", "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR",
         convert=log_level, metavar="LEVEL",
     )  # fmt: skip
-    _option(
+    env_option(
         parser, "--log-format", "LOG_FORMAT", "text", "text or json (one object per line)",
         convert=choice("text", "json"), metavar="{text,json}",
     )  # fmt: skip
+    # The load test's measuring hook, not an operator's option: append one JSON line per put the cache
+    # acknowledged as stored, in the load-test history format (graphcache.harness reads it).
+    parser.add_argument("--record-puts", metavar="PATH", help=argparse.SUPPRESS)
 
 
 def _token(text: str) -> str:
@@ -261,8 +232,10 @@ def _configure_logging(level: str, fmt: str, node_id: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT: 0 after a clean stop; 1 if the store or the cache is still unreachable
-    ``--startup-timeout`` seconds after start-up, or the metrics address cannot be bound. Each flag was
-    checked as it was parsed (a bad one is exit 2 before this runs)."""
+    ``--startup-timeout`` seconds after start-up, or the metrics address cannot be bound; 2 if the
+    ``--graph`` spec does not fit the database or its change tracking is not installed (never retried:
+    waiting does not fix it). Each flag was checked as it was parsed (a bad one, a spec file that cannot
+    work included, is exit 2 before this runs)."""
     if not args.ttl > args.heartbeat:
         # A member would drop out of its siblings' views between two of its own heartbeats.
         raise UsageError(f"--ttl ({args.ttl:g}s) must be longer than --heartbeat ({args.heartbeat:g}s)")
@@ -274,6 +247,9 @@ def run(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, args.log_format, args.node_id)
     try:
         anyio.run(_serve, args)
+    except SpecError as exc:  # the spec does not fit the database, or tracking is missing: configuration
+        logger.error("cannot serve: %s (--graph)", one_line(str(exc)))
+        return EXIT_USAGE
     except (StoreError, CacheError, OSError) as exc:
         logger.error("cannot serve: %s (%s)", one_line(str(exc)), _blamed_flags(exc))
         return 1
@@ -331,20 +307,11 @@ class _Sidecar:
 _PROBE_TIMEOUT = 2.0
 
 
-_FEED_POLL_FLOOR = 0.01
-_FEED_POLL_CEILING = 0.25
-"""The sidecar's feed polls start between 10 ms and 250 ms (the store's idle poll interval) apart."""
-
-
-def _feed_min_poll_interval(min_rebuild_interval: float) -> float:
-    """How far apart the sidecar's change-feed polls start: half the rebuild pacing, within the bounds.
-
-    A rebuild loads the graph as committed when it runs, not as of the change that triggered it, so under
-    a stream of commits the feed only has to say "something changed" once per paced rebuild; polling more
-    often costs each node (and the server) CPU and wake-ups for no fresher graph. Half the pacing keeps a
-    quiet root's first change from waiting much longer than before.
-    """
-    return min(_FEED_POLL_CEILING, max(_FEED_POLL_FLOOR, min_rebuild_interval / 2))
+DEFAULT_FEED_INTERVAL = 0.01
+"""Seconds between the starts of two reads of a sidecar's change feed. An actor patches its graph from
+each read's row images and puts it at once, so this interval bounds how fresh the cache is under a
+stream of commits (about half of it on average), and how many puts a busy root costs (at most one per
+read). A commit after a quiet spell is read at once (NOTIFY)."""
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -394,10 +361,20 @@ def _bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (0: any free port), or OSError: bound before uvicorn starts, so
     a taken port is one clear error instead of uvicorn's exit."""
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets of protocol IPPROTO_TCP. Without
+    # it a kept-alive client's every request after the first waited ~40 ms for a delayed ACK (uvicorn
+    # writes a response's head and body separately: Nagle held the body back).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server(address[:2], family=family)
-    except OSError as exc:  # create_server adds "(while attempting to bind on address ...)": said already
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address[:2])
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
         raise OSError(exc.errno, os.strerror(exc.errno) if exc.errno else str(exc)) from None
+    return sock
 
 
 async def _start_http(
@@ -461,7 +438,8 @@ async def _open_store(args: argparse.Namespace) -> PostgresStore:
     return await PostgresStore.connect(
         args.postgres,
         schema=args.schema,
-        min_poll_interval=_feed_min_poll_interval(args.min_rebuild_interval),
+        graph=args.graph,
+        min_poll_interval=args.feed_interval,
     )
 
 
@@ -483,22 +461,55 @@ async def _connect(args: argparse.Namespace, sidecar: _Sidecar, what: str, call:
             await anyio.sleep(pause)
 
 
+class _PutLog:
+    """``--record-puts PATH``: one JSON line per stored put, the fields of a load-test history event
+    (``graphcache.harness.Event``: process = node id, "ok", "rebuild", root, ``time.monotonic()``,
+    version). Written here rather than through the harness: the sidecar does not depend on it."""
+
+    def __init__(self, path: str, node_id: str) -> None:
+        self._file = Path(path).open("ab")  # noqa: SIM115  (closed in close())
+        self._node_id = node_id
+
+    def __call__(self, root_id: str, version: int) -> None:
+        event = {"process": self._node_id, "type": "ok", "op": "rebuild", "root": root_id,
+                 "time": time.monotonic(), "version": version}  # fmt: skip
+        self._file.write(json.dumps(event).encode() + b"\n")  # buffered: a write(2) every few KiB
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def _put_log(path: str | None, node_id: str) -> Iterator[_PutLog | None]:
+    """The ``--record-puts`` recorder (None without the flag), closed after the node stopped."""
+    if path is None:
+        yield None
+        return
+    log = _PutLog(path, node_id)
+    try:
+        yield log
+    finally:
+        log.close()
+
+
 async def _serve_node(
     args: argparse.Namespace, store: PostgresStore, cache: RedisCache, sidecar: _Sidecar, url: str
 ) -> None:
-    node = Node(
-        store=store,
-        cache=cache,
-        node_id=args.node_id,
-        membership=sidecar.membership,
-        consistency=args.consistency,
-        idle_timeout=args.idle_timeout,
-        min_rebuild_interval=args.min_rebuild_interval,
-        sweep_interval=args.sweep_interval,
-        handoff=args.ttl + 2 * args.heartbeat,  # a dead member's changes are re-read by its successor
-    )
-    async with node:
-        sidecar.node = node
-        sys.stdout.write(f"graphcache node {args.node_id} ready {url}\n")
-        sys.stdout.flush()
-        await sidecar.stop.wait()
+    with _put_log(args.record_puts, args.node_id) as on_stored:
+        node = Node(
+            store=store,
+            cache=cache,
+            node_id=args.node_id,
+            membership=sidecar.membership,
+            consistency=args.consistency,
+            idle_timeout=args.idle_timeout,
+            min_rebuild_interval=args.min_rebuild_interval,
+            sweep_interval=args.sweep_interval,
+            handoff=args.ttl + 2 * args.heartbeat,  # a dead member's changes are re-read by its successor
+            on_stored=on_stored,
+        )
+        async with node:
+            sidecar.node = node
+            sys.stdout.write(f"graphcache node {args.node_id} ready {url}\n")
+            sys.stdout.flush()
+            await sidecar.stop.wait()

@@ -16,7 +16,6 @@ import pytest
 from graphcache import _cli as run
 from graphcache.actors import graph_key
 from graphcache.cache import RedisCache
-from graphcache.sidecar._serve import _feed_min_poll_interval
 from graphcache.storage import Graph, PostgresStore, Upsert
 from tests._sidecar_procs import ROOT_DIR, Servers, http_get, serve_command, sidecar
 
@@ -26,12 +25,14 @@ OPTIONS = {
     "--node-id": "NODE_ID",
     "--namespace": "NAMESPACE",
     "--schema": "SCHEMA",
+    "--graph": "GRAPH",
     "--membership": "MEMBERSHIP",
     "--heartbeat": "HEARTBEAT",
     "--ttl": "TTL",
     "--consistency": "CONSISTENCY",
     "--idle-timeout": "IDLE_TIMEOUT",
     "--min-rebuild-interval": "MIN_REBUILD_INTERVAL",
+    "--feed-interval": "FEED_INTERVAL",
     "--sweep-interval": "SWEEP_INTERVAL",
     "--startup-timeout": "STARTUP_TIMEOUT",
     "--host": "HOST",
@@ -71,12 +72,11 @@ def test_help_never_prints_a_password_from_the_environment(monkeypatch: pytest.M
     assert args.redis == "redis://cache:s3cret-r@10.0.0.5:6380/2"  # the value itself is untouched
 
 
-def test_the_feed_is_read_at_half_the_rebuild_pacing_within_bounds() -> None:
-    """The sidecar's store spaces feed polls by half --min-rebuild-interval, 10 ms to 250 ms."""
-    assert _feed_min_poll_interval(0.1) == pytest.approx(0.05)
-    assert _feed_min_poll_interval(0.3) == pytest.approx(0.15)
-    assert _feed_min_poll_interval(0.0) == pytest.approx(0.01)  # no pacing: the store's own default
-    assert _feed_min_poll_interval(5.0) == pytest.approx(0.25)  # never slower than an idle feed's poll
+def test_the_feed_interval_is_its_own_flag() -> None:
+    """--feed-interval (default 10 ms) spaces the feed's reads, whatever --min-rebuild-interval paces."""
+    assert run.build_parser().parse_args(["serve"]).feed_interval == pytest.approx(0.01)
+    args = run.build_parser().parse_args(["serve", "--feed-interval", "0.05", "--min-rebuild-interval", "1"])
+    assert (args.feed_interval, args.min_rebuild_interval) == (0.05, 1.0)
 
 
 def test_environment_variables_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
