@@ -1,6 +1,6 @@
 """graphcache.harness: load generator, history recorder, consistency checker, benchmarks."""
 
-from ._checker import CheckReport, Violation, check, check_with_lags
+from ._checker import CheckReport, Lags, Violation, check, check_with_all_lags, check_with_lags
 from ._history import Event, HistoryError, HistoryWriter, graph_hash, read_history
 from ._report import (
     StrategyResult,
@@ -18,10 +18,12 @@ __all__ = (
     "Event",
     "HistoryError",
     "HistoryWriter",
+    "Lags",
     "StrategyResult",
     "StrategySummary",
     "Violation",
     "check",
+    "check_with_all_lags",
     "check_with_lags",
     "format_report",
     "format_summary",

@@ -1,4 +1,4 @@
-"""The consistency checker: G1 (no regression), G2 (no torn graph), G3 (convergence) and visibility lag.
+"""The consistency checker: G1 (no regression), G2 (no torn graph), G3 (convergence) and two lags.
 
 It reads a history (see ``_history.py``) in one pass, grouping events per root, then judges each root:
 
@@ -10,7 +10,12 @@ It reads a history (see ``_history.py``) in one pass, grouping events per root, 
       the first version whose commit is unknown (a write with outcome "info"), reads are ``unjudged``.
   G3  the last read of a root that began after its ``final`` event must return the final version
       (absent counts apart: an invalidated key is allowed).
-  lag from each write's ok to the end of the first read that began after it and saw that version or newer.
+  visibility lag   from each write's ok to the first put of that version or newer that the cache
+      acknowledged as stored ("rebuild" ok events): when the cache first held it. 0 when that put was
+      acknowledged before the write's ok was recorded (the commit was cached before its writer heard
+      back). Writes no put covered are ``invisible_commits``. Needs put acknowledgements in the history.
+  read lag   from each write's ok to the end of the first read that began after it and saw that version
+      or newer: what readers observed, so it includes their sampling delay (``lag_p50`` ...).
 
 A read's interval runs from its "invoke" event to its completion, paired per (process, root); a process
 should have one read per root in flight (if not, intervals are widened, see _pop_start).
@@ -24,14 +29,14 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
 from ..storage import Delete, Op, Upsert
 from ._history import Event, HistoryError, rows_hash
 
-__all__ = ("CheckReport", "Violation", "check", "check_with_lags")
+__all__ = ("CheckReport", "Lags", "Violation", "check", "check_with_all_lags", "check_with_lags")
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,13 @@ class CheckReport(msgspec.Struct):
     absent_reads: int = 0  # reads that found no item: not versions, so outside G1 and G2
     unread_at_end: int = 0  # roots with a final event but no read after it: G3 not judged for them
     unseen_commits: int = 0  # writes no later read observed (counted as not visible in visible_within)
+    # Visibility lag (seconds): a write's ok to the first stored put of its version or newer. lag_p50...
+    # above are the read lag: a write's ok to the end of the first later read that saw it.
+    visibility_lag_p50: float | None = None
+    visibility_lag_p95: float | None = None
+    visibility_lag_p99: float | None = None
+    invisible_commits: int = 0  # writes no acknowledged put of their version or newer covered
+    stored_puts: int = 0  # put acknowledgements ("rebuild" ok events) in the history
 
     @property
     def ok(self) -> bool:
@@ -104,6 +116,7 @@ class _Root:
     commits: dict[int, _Commit] = field(default_factory=dict)
     ambiguous: set[int] = field(default_factory=set)  # versions reported by two different commits
     writes: list[tuple[float, int]] = field(default_factory=list)  # (ok time, version)
+    puts: list[tuple[float, int]] = field(default_factory=list)  # (acknowledged time, version stored)
     final: tuple[float, int] | None = None
 
 
@@ -118,7 +131,9 @@ class _Tally:
     absent_at_end: int = 0
     unread_at_end: int = 0
     unseen_commits: int = 0
+    invisible_commits: int = 0
     lags: list[float] = field(default_factory=list)
+    visibility_lags: list[float] = field(default_factory=list)
     examples: list[Violation] = field(default_factory=list)
     _shown: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -135,13 +150,27 @@ class _Tally:
         return f"t=+{t - self.t0:.6f}s"
 
 
+class Lags(NamedTuple):
+    """Every lag measured (seconds), for charts: ``visibility`` (commit to stored put), ``read`` (commit to
+    the first read that saw it)."""
+
+    visibility: list[float]
+    read: list[float]
+
+
 def check(events: Iterable[Event], *, max_examples: int = 5) -> CheckReport:
-    """Judge a history against G1, G2 and G3 and measure visibility lag."""
-    return check_with_lags(events, max_examples=max_examples)[0]
+    """Judge a history against G1, G2 and G3 and measure the visibility and read lags."""
+    return check_with_all_lags(events, max_examples=max_examples)[0]
 
 
 def check_with_lags(events: Iterable[Event], *, max_examples: int = 5) -> tuple[CheckReport, list[float]]:
-    """As ``check``, also returning every observed commit-to-visible lag (seconds) for charts."""
+    """As ``check``, also returning every observed read lag (seconds) for charts."""
+    report, lags = check_with_all_lags(events, max_examples=max_examples)
+    return report, lags.read
+
+
+def check_with_all_lags(events: Iterable[Event], *, max_examples: int = 5) -> tuple[CheckReport, Lags]:
+    """As ``check``, also returning every visibility lag and every read lag (seconds) for charts."""
     if max_examples < 0:
         raise ValueError(f"max_examples must be >= 0, got {max_examples}")
     ordered = sorted(events, key=_time)
@@ -152,7 +181,8 @@ def check_with_lags(events: Iterable[Event], *, max_examples: int = 5) -> tuple[
         _judge_torn(root_id, root, tally)
         _judge_end(root_id, root, tally)
         _measure_lags(root, tally)
-    return _report(roots, tally), tally.lags
+        _measure_visibility(root, tally)
+    return _report(roots, tally), Lags(visibility=tally.visibility_lags, read=tally.lags)
 
 
 def _time(event: Event) -> float:
@@ -173,7 +203,7 @@ def _group(events: list[Event]) -> dict[str, _Root]:
             root = roots[e.root] = _Root()
         if e.op != "read":
             if e.type == "ok":
-                _record_commit_or_final(root, e)
+                _record_ok(root, e)
         elif e.type == "invoke":
             in_flight.setdefault((e.process, e.root), []).append(e.time)
         else:
@@ -201,8 +231,12 @@ def _pop_start(starts: list[float] | None) -> float:
     return start
 
 
-def _record_commit_or_final(root: _Root, e: Event) -> None:
+def _record_ok(root: _Root, e: Event) -> None:
+    """A commit (create, write), a stored put (rebuild) or the final version."""
     if e.version is None:
+        return
+    if e.op == "rebuild":
+        root.puts.append((e.time, e.version))
         return
     if e.op in ("create", "write"):
         if e.op == "write":
@@ -210,7 +244,7 @@ def _record_commit_or_final(root: _Root, e: Event) -> None:
         known = root.commits.get(e.version)
         if known is None:
             root.commits[e.version] = _Commit(e.ops, e.hash)
-        elif known.ops != e.ops:
+        elif (known.ops, known.hash) != (e.ops, e.hash):
             # two transactions were given one version: the store broke its contract, so G2 cannot judge it
             logger.warning(
                 "root %r: two different commits of v%d; reads at or past it are unjudged", e.root, e.version
@@ -380,6 +414,32 @@ def _measure_lags(root: _Root, tally: _Tally) -> None:
             tally.lags.append(seen_at - committed_at)
 
 
+def _measure_visibility(root: _Root, tally: _Tally) -> None:
+    """For each write, when the cache first held its version or a newer one: the earliest acknowledged
+    put of any version >= it, at any time (a put acknowledged before the write's ok is lag 0).
+
+    Puts sorted by version with a running minimum of their times from the newest version down, then one
+    bisection per write: O((W + P) log P).
+    """
+    if not root.writes:
+        return
+    puts = sorted(root.puts, key=_version_of)
+    versions = [version for _, version in puts]
+    earliest = [math.inf] * (len(puts) + 1)  # earliest[i]: first put time among puts[i:]
+    for i in range(len(puts) - 1, -1, -1):
+        earliest[i] = min(puts[i][0], earliest[i + 1])
+    for committed_at, version in root.writes:
+        stored_at = earliest[bisect.bisect_left(versions, version)]
+        if stored_at == math.inf:
+            tally.invisible_commits += 1
+        else:
+            tally.visibility_lags.append(max(0.0, stored_at - committed_at))
+
+
+def _version_of(put: tuple[float, int]) -> int:
+    return put[1]
+
+
 def _tree_lower(tree: list[float], index: int, value: float) -> None:
     size = len(tree)
     while index < size:
@@ -399,6 +459,7 @@ def _tree_min(tree: list[float], index: int) -> float:
 
 def _report(roots: dict[str, _Root], tally: _Tally) -> CheckReport:
     lags = sorted(tally.lags)
+    visibility = sorted(tally.visibility_lags)
     commits = len(lags) + tally.unseen_commits
     return CheckReport(
         reads=sum(len(r.reads) + len(r.misses) for r in roots.values()),
@@ -421,6 +482,11 @@ def _report(roots: dict[str, _Root], tally: _Tally) -> CheckReport:
         absent_reads=sum(len(r.misses) for r in roots.values()),
         unread_at_end=tally.unread_at_end,
         unseen_commits=tally.unseen_commits,
+        visibility_lag_p50=_percentile(visibility, 50),
+        visibility_lag_p95=_percentile(visibility, 95),
+        visibility_lag_p99=_percentile(visibility, 99),
+        invisible_commits=tally.invisible_commits,
+        stored_puts=sum(len(r.puts) for r in roots.values()),
     )
 
 

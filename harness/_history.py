@@ -5,11 +5,13 @@ One JSON object per line. ``time`` is ``time.monotonic()``, which on Linux is on
 
   process   who recorded it: "writer-3", "reader-1", "node-a", "checker"
   type      "invoke" | "ok" | "fail" | "info" (info: outcome unknown, e.g. a timeout after sending)
-  op        "create" (a root's initial graph) | "write" (store.apply) | "read" (a cache read)
-            | "rebuild" (a strategy wrote the cache) | "final" (the committed version at the end)
+  op        "create" (a root's initial graph, one event per transaction of its set-up) | "write"
+            (store.apply) | "read" (a cache read) | "rebuild" (a put into the cache, recorded as "ok"
+            once the cache acknowledged storing it: by a writer right after its put returned, by a
+            graphcache node through ``Node(on_stored=...)``) | "final" (the committed version at the end)
   root      root id
   version   create/write ok: the committed version; read ok: the cached version (None if absent);
-            rebuild ok: the version written; final: the committed version
+            rebuild ok: the version of the graph stored; final: the committed version
   hash      read ok: graph_hash of the cached graph; create ok: graph_hash of the initial graph;
             write ok without ops: graph_hash of the whole graph the write committed (plain-SQL writers
             read it inside their transaction, which holds the root's version row locked)

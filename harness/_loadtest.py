@@ -9,12 +9,27 @@ members and their hand-off window has passed.
 
 After the writers stop, the run settles: it records each root's committed version (``final``), waits until
 the cache shows it (or ``--settle`` seconds pass), then records one last read per root. The checker then
-judges the merged histories: G1 regressions, G2 torn graphs, G3 stale roots, commit-to-visible lag.
+judges the merged histories: G1 regressions, G2 torn graphs, G3 stale roots, and two lags: the
+visibility lag (commit to the first put of it or newer the cache acknowledged: writers record their puts,
+nodes theirs through ``Node(on_stored=...)`` or ``serve --record-puts``) and the read lag (commit to the
+first read that saw it). Costs per update: store snapshot loads and cache puts.
 Histories, report.json and report.png go to --out (default: a new ./loadtest-YYYYmmdd-HHMMSS).
 Ctrl-C (or SIGTERM) stops the run cleanly and reports what was measured so far.
 
+Your own tables (``--graph SPEC``, real servers only): the graph is the one a graph spec describes, in
+tables that must already exist, and the writers UPDATE them with plain SQL, as your service would. The
+run samples --roots root keys from the root table; each write sets one column of one row of a sampled
+root (never a key or parent_key column, nor one under a constraint or unique index) to a new value, or
+is a no-op update (SET key = key) where a table has no such column. Each strategy installs the spec's
+change tracking (triggers on the tables) into its own fresh store schema and drops that schema, and the
+triggers with it, afterwards. THE RUN WRITES TO YOUR TABLES: no table, column or row is created or
+deleted, but every updated value stays as the last write left it (it is not restored). Point it at a
+staging copy. It lists what it will write and asks first; --yes skips the question (needed without a
+terminal).
+
 Exit status: 0 when graphcache (``actor``) kept G1-G3 (or did not run); 1 if it violated one, or a server
-was unreachable or failed; 2 on bad flags.
+was unreachable or failed; 2 on bad flags (with --graph also: a spec that does not fit the database, an
+empty root table, or writes not confirmed).
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import msgspec
 
 from .._cli import (
     count,
@@ -41,10 +57,11 @@ from .._cli import (
     seconds_or_zero,
 )
 from ..actors import DEFAULT_MIN_REBUILD_INTERVAL
-from ._checker import check_with_lags
+from ._checker import check_with_all_lags
 from ._history import Event, HistoryWriter, read_history
-from ._lt_backends import environment
+from ._lt_backends import Env, environment
 from ._lt_config import (
+    DEFAULT_FEED_INTERVAL,
     MAX_ZIPF_S,
     LoadConfig,
     config_from_args,
@@ -56,6 +73,7 @@ from ._lt_config import (
 )
 from ._lt_fleet import need_sidecars_installed, node_fleet
 from ._lt_fleet import share as _share  # noqa: F401  (tests/test_strategies.py still imports it from here)
+from ._lt_graph import PLAN_FILE, confirm, prepare, seed_roots, writer_pool
 from ._lt_load import load
 from ._lt_settle import settle
 from ._report import (
@@ -100,7 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--roots", type=count, default=8, help="number of roots (default 8)")
     load.add_argument(
         "--children", type=count, default=DEFAULT_CHILDREN,
-        help=f"children per root graph; each write rewrites one (default {DEFAULT_CHILDREN})",
+        help=f"children per root graph; each write rewrites one (default {DEFAULT_CHILDREN}; with --graph "
+        "the tables' own rows are the graph)",
     )  # fmt: skip
     load.add_argument(
         "--dist", choices=("uniform", "zipf"), default="zipf", help="root popularity (default zipf)"
@@ -138,8 +157,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--min-rebuild-interval", type=seconds_or_zero, default=DEFAULT_MIN_REBUILD_INTERVAL,
         metavar="SECONDS",
-        help="actor: seconds between the starts of two rebuilds of one root, the nodes' pacing "
+        help="actor: seconds between the starts of two snapshot loads of one root, the nodes' pacing "
         f"(default {DEFAULT_MIN_REBUILD_INTERVAL}; 0: none)",
+    )  # fmt: skip
+    load.add_argument(
+        "--feed-interval", type=seconds_or_zero, default=DEFAULT_FEED_INTERVAL, metavar="SECONDS",
+        help="actor on real servers: seconds between two reads of each sidecar's change feed "
+        f"(serve --feed-interval; default {DEFAULT_FEED_INTERVAL})",
     )  # fmt: skip
     load.add_argument(
         "--latency", type=seconds_or_zero, nargs=2, default=(0.0005, 0.002), metavar=("MIN", "MAX"),
@@ -160,6 +184,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write histories, report.json and report.png here (default: a new ./loadtest-YYYYmmdd-HHMMSS)",
     )  # fmt: skip
     where.add_argument("--no-progress", action="store_true", help="no progress bar")
+    own = parser.add_argument_group("your own tables (real servers only; WRITES TO THEM, see above)")
+    own.add_argument(
+        "--graph", metavar="SPEC",
+        help="load-test the graph that the graph spec SPEC (TOML) describes, in its existing tables: "
+        "writers UPDATE their rows with plain SQL and the new values stay (meant for a staging copy; "
+        "needs --redis and --postgres)",
+    )  # fmt: skip
+    own.add_argument(
+        "--yes", action="store_true",
+        help="with --graph: go ahead without asking (needed when stdin is not a terminal)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     if not config.embedded:
         need_sidecars_installed(names)
         anyio.run(reach, config.redis, config.postgres)
+    if config.graph is not None:
+        config = _prepared(config, yes=args.yes)
     out = args.out or fresh_out_directory(Path.cwd())
     try:
         results = anyio.run(run_compare, config, names, out)
@@ -186,6 +223,15 @@ def run(args: argparse.Namespace) -> int:
     _write_reports(out, config, results)
     print(f"histories, report.json{_chart_name()} in {out}")
     return 0 if all(_kept_guarantees(r) for r in results if r.strategy == "actor") else 1
+
+
+def _prepared(config: LoadConfig, *, yes: bool) -> LoadConfig:
+    """--graph: the spec checked against the database, the roots sampled, the writes confirmed."""
+    assert config.graph is not None
+    assert config.postgres is not None
+    workload = anyio.run(prepare, config.postgres, config.graph, config.roots, config.seed)
+    confirm(config.postgres, workload, yes=yes)
+    return msgspec.structs.replace(config, graph=workload, roots=len(workload.roots))
 
 
 def _chart_available() -> bool:
@@ -246,17 +292,17 @@ async def run_strategy(
     """One strategy, start to finish: fresh backends, roots, load, settle, check."""
     interrupt = interrupt or Stopper()
     _fresh_directory(out)
-    roots = root_ids(config.roots)
+    roots = root_ids(config.roots) if config.graph is None else list(config.graph.roots)
     async with environment(config) as env:
         with HistoryWriter(out / "main.jsonl") as main:
-            await create_roots(env.store, roots, main, children=config.children)
+            await _create(env, roots, main, out)
             cpu_before = _cpu_seconds()  # from here: nodes, load, settle (not creating the roots)
             async with node_fleet(env, name, out) as node_tally:
                 tally, seconds = await load(env, name, out, interrupt)
                 await settle(env.store, env.cache, roots, main, patience=config.settle)
                 tally.add(await node_tally())
     cpu = _cpu_seconds() - cpu_before
-    report, lags = check_with_lags(_histories(out))
+    report, lags = check_with_all_lags(_histories(out))
     updates = max(tally.updates, 1)
     return StrategyResult(
         strategy=name,
@@ -268,9 +314,25 @@ async def run_strategy(
         puts_refused=tally.refused,
         cpu_s_per_1000=cpu / updates * 1000,
         check=report,
-        lags=_sample(lags, config.seed),
+        lags=_sample(lags.read, config.seed),
         puts=tally.puts,
+        loads=tally.loads,
+        loads_per_update=tally.loads / updates,
+        puts_per_update=tally.puts / updates,
+        visibility_lags=_sample(lags.visibility, config.seed),
     )
+
+
+async def _create(env: Env, roots: list[str], history: HistoryWriter, out: Path) -> None:
+    """Each root's first version (recorded as its create): built-in roots with their children, or, with
+    --graph, a no-op update of each sampled root's row, which also lists its rows for the writers."""
+    config = env.config
+    if config.graph is None:
+        await create_roots(env.store, roots, history, children=config.children)
+        return
+    assert config.postgres is not None
+    async with writer_pool(config.postgres) as pool:
+        await seed_roots(pool, env.store, config.graph, history, out / PLAN_FILE)
 
 
 def _histories(out: Path) -> list[Event]:

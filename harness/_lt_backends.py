@@ -2,6 +2,8 @@
 
 Each real-server strategy run gets a Redis key namespace ``gclt<id>`` and a PostgreSQL schema
 ``gclt_<id>`` of its own, removed when the run ends, also when it fails (``_servers.removed_afterwards``).
+With ``--graph`` that schema is the store schema of the spec's change tracking: its triggers on the
+service's tables call functions in it, so dropping it (CASCADE) removes them too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from ..cache import MemoryCache, VersionedCache
 from ..storage import GraphStore, MemoryStore
 from ._lt_config import LoadConfig
+from ._lt_graph import install_tracking
 from ._procs import open_cache, open_store
 from ._servers import removed_afterwards
 from ._workload import SlowLoads
@@ -45,12 +48,15 @@ async def environment(config: LoadConfig) -> AsyncIterator[Env]:
         return
     run_id = uuid.uuid4().hex[:10]
     namespace, schema = f"{RUN_PREFIX}{run_id}", f"{RUN_PREFIX}_{run_id}"
+    spec = None if config.graph is None else config.graph.spec
     # Outermost, so the keys and schema go after the store, the cache and every process using them.
-    async with (
-        removed_afterwards(
-            redis_url=config.redis, namespace=namespace, postgres=config.postgres, schema=schema
-        ),
-        open_store(config.postgres, schema) as store,
-        open_cache(config.redis, namespace) as cache,
+    async with removed_afterwards(
+        redis_url=config.redis, namespace=namespace, postgres=config.postgres, schema=schema
     ):
-        yield Env(config, store, cache, namespace, schema)
+        if spec is not None:
+            await install_tracking(config.postgres, spec, schema)
+        async with (
+            open_store(config.postgres, schema, graph=spec) as store,
+            open_cache(config.redis, namespace) as cache,
+        ):
+            yield Env(config, store, cache, namespace, schema)

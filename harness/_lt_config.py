@@ -15,6 +15,8 @@ import msgspec
 
 from .._cli import UsageError, number, redact
 from ..actors import DEFAULT_MIN_REBUILD_INTERVAL
+from ..storage import GraphSpec, SpecError
+from ._lt_graph import GraphWorkload
 from ._strategies import NAMES
 from ._workload import DEFAULT_CHILDREN, Dist
 
@@ -27,6 +29,10 @@ __all__ = (
     "strategy_list",
     "zipf_exponent",
 )
+
+
+DEFAULT_FEED_INTERVAL = 0.01
+"""``graphcache serve --feed-interval``'s default, passed to every sidecar of a run."""
 
 
 class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,12 +53,14 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 1
     nodes: int = 2
     min_rebuild_interval: float = DEFAULT_MIN_REBUILD_INTERVAL
+    feed_interval: float = DEFAULT_FEED_INTERVAL
     latency: tuple[float, float] = (0.0005, 0.002)
     load_latency: float = 0.005
     redis: str | None = None
     postgres: str | None = None
     progress: bool = True
     rounds: int = 1
+    graph: GraphWorkload | None = None  # --graph: the service's own tables (real servers only)
 
     @property
     def embedded(self) -> bool:
@@ -95,6 +103,11 @@ def zipf_exponent(text: str) -> float:
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
     """The run's config; `UsageError` for flags that do not fit together, before anything starts."""
+    graph = None
+    if args.graph is not None:
+        if args.redis is None or args.postgres is None:
+            raise UsageError("--graph runs on the real servers only: give --redis URL and --postgres DSN")
+        graph = _graph_workload(args.graph)
     if (args.redis is None) != (args.postgres is None):
         raise UsageError("--redis and --postgres go together (or neither, for the embedded run)")
     low, high = args.latency
@@ -105,10 +118,19 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         writer_procs=min(args.writer_procs, args.writers), readers=args.readers,
         reader_procs=max(1, min(args.reader_procs, args.readers)), read_rate=args.read_rate, rate=args.rate,
         duration=args.duration, settle=args.settle, seed=args.seed, nodes=args.nodes,
-        min_rebuild_interval=args.min_rebuild_interval,
+        min_rebuild_interval=args.min_rebuild_interval, feed_interval=args.feed_interval,
         latency=(low, high), load_latency=args.load_latency, redis=args.redis, postgres=args.postgres,
-        progress=not args.no_progress, rounds=args.rounds,
+        progress=not args.no_progress, rounds=args.rounds, graph=graph,
     )  # fmt: skip
+
+
+def _graph_workload(path: str) -> GraphWorkload:
+    """``--graph SPEC``: the spec file read and checked (what the file alone can show), as bad input."""
+    try:
+        spec = GraphSpec.from_toml(path)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from exc
+    return GraphWorkload(path=str(Path(path).resolve()), spec=spec)
 
 
 def shown(config: LoadConfig) -> LoadConfig:

@@ -2,7 +2,9 @@
 writer and reader worker processes on the real servers.
 
 Sidecars are read through their Prometheus ``/metrics`` page (a plain HTTP GET, parsed with
-prometheus_client's own text parser): the members they see, the rebuilds and puts they did. Worker
+prometheus_client's own text parser): the members they see, the rebuilds, snapshot loads and puts they
+did. Every node, in-process or sidecar, records each put the cache acknowledged as stored into a history
+of its own (``nodes.jsonl``; a sidecar's ``--record-puts node-N.jsonl``) for the visibility lag. Worker
 processes speak the line protocol of ``harness/_procs.py``. Every process started here is stopped again
 (SIGTERM, then SIGKILL after a grace period) however the run ends.
 """
@@ -13,6 +15,7 @@ import contextlib
 import importlib.util
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,7 +25,9 @@ import anyio
 
 from .._cli import CommandError, UsageError
 from ..actors import Node, StaticMembership
+from ._history import Event, HistoryWriter
 from ._lt_backends import Env
+from ._lt_graph import PLAN_FILE
 from ._procs import Child, spawn, worker_argv
 from ._strategies import Tally
 
@@ -39,7 +44,7 @@ __all__ = (
 )
 
 NodeTally = Callable[[], Awaitable[Tally]]
-"""How to read the nodes' rebuild and put counts once the run is over."""
+"""How to read the nodes' rebuild, load and put counts once the run is over."""
 
 SERVE_READY = "ready"
 """The sidecar prints one line containing this word (and its metrics address) once it serves."""
@@ -75,18 +80,28 @@ async def node_fleet(env: Env, name: str, out: Path) -> AsyncIterator[NodeTally]
     if name != "actor":
         yield _no_rebuilds
     elif env.config.embedded:
-        async with _embedded_nodes(env) as tally:
+        async with _embedded_nodes(env, out) as tally:
             yield tally
     else:
         async with _serve_nodes(env, out) as tally:
             yield tally
 
 
+def _put_recorder(history: HistoryWriter, node_id: str) -> Callable[[str, int], None]:
+    """A Node's ``on_stored``: each put the cache acknowledged, as a "rebuild" ok event of ``node_id``."""
+
+    def on_stored(root_id: str, version: int) -> None:
+        history.record(Event(node_id, "ok", "rebuild", root_id, time.monotonic(), version=version))
+
+    return on_stored
+
+
 @contextlib.asynccontextmanager
-async def _embedded_nodes(env: Env) -> AsyncIterator[NodeTally]:
+async def _embedded_nodes(env: Env, out: Path) -> AsyncIterator[NodeTally]:
     """In-process Nodes on the shared MemoryStore/MemoryCache, one static view: each root has one owner."""
     ids = [f"node-{i}" for i in range(env.config.nodes)]
     async with contextlib.AsyncExitStack() as stack:
+        history = stack.enter_context(HistoryWriter(out / "nodes.jsonl"))  # closed after the nodes stop
         nodes = [
             await stack.enter_async_context(
                 Node(
@@ -95,6 +110,7 @@ async def _embedded_nodes(env: Env) -> AsyncIterator[NodeTally]:
                     node_id=node_id,
                     membership=StaticMembership(ids),
                     min_rebuild_interval=env.config.min_rebuild_interval,
+                    on_stored=_put_recorder(history, node_id),
                 )
             )
             for node_id in ids
@@ -102,10 +118,13 @@ async def _embedded_nodes(env: Env) -> AsyncIterator[NodeTally]:
 
         async def tally() -> Tally:
             stats = [node.statistics() for node in nodes]
+            # Each read-through (a Node.get miss) is one snapshot load and one put besides the rebuilds.
+            read_loads = sum(s.read_loads for s in stats)
             return Tally(
                 rebuilds=sum(s.rebuilds for s in stats),
                 refused=sum(s.puts_refused for s in stats),
-                puts=sum(s.puts_stored + s.puts_refused for s in stats),
+                puts=sum(s.puts_stored + s.puts_refused for s in stats) + read_loads,
+                loads=sum(s.snapshot_loads for s in stats) + read_loads,
             )
 
         yield tally
@@ -114,9 +133,11 @@ async def _embedded_nodes(env: Env) -> AsyncIterator[NodeTally]:
 @contextlib.asynccontextmanager
 async def _serve_nodes(env: Env, out: Path) -> AsyncIterator[NodeTally]:
     """``config.nodes`` sidecars (``graphcache serve``) with Redis membership; counts come from /metrics."""
-    async with _started(
-        [(f"node-{i}", serve_argv(env, f"node-{i}")) for i in range(env.config.nodes)], out, SERVE_READY
-    ) as nodes:
+    commands = [
+        (f"node-{i}", serve_argv(env, f"node-{i}", record_puts=out / f"node-{i}.jsonl"))
+        for i in range(env.config.nodes)
+    ]
+    async with _started(commands, out, SERVE_READY) as nodes:
         await _until_full_view(nodes)
         # A node that lost roots to a joiner keeps rebuilding them for the hand-off window (actors.Node's
         # ``handoff``): a start-up transient of duplicate rebuilds. Measure the steady state after it.
@@ -133,14 +154,19 @@ async def _serve_nodes(env: Env, out: Path) -> AsyncIterator[NodeTally]:
         yield tally
 
 
-def serve_argv(env: Env, node_id: str) -> list[str]:
-    """The command line of one sidecar of this run."""
+def serve_argv(env: Env, node_id: str, *, record_puts: Path | None = None) -> list[str]:
+    """The command line of one sidecar of this run; with ``record_puts``, it appends each put the cache
+    acknowledged to that history file (``serve --record-puts``, a hidden flag)."""
     config = env.config
+    extra = [] if config.graph is None else ["--graph", config.graph.path]
+    if record_puts is not None:
+        extra += ["--record-puts", str(record_puts)]
     return [
         sys.executable, "-m", "graphcache", "serve", "--redis", str(config.redis),
         "--postgres", str(config.postgres), "--namespace", env.namespace, "--schema", env.schema,
-        "--node-id", node_id, "--membership", "redis", "--host", "127.0.0.1", "--port", "0",
-        "--min-rebuild-interval", str(config.min_rebuild_interval), "--ttl", str(NODE_TTL),
+        *extra, "--node-id", node_id, "--membership", "redis", "--host", "127.0.0.1", "--port", "0",
+        "--min-rebuild-interval", str(config.min_rebuild_interval),
+        "--feed-interval", str(config.feed_interval), "--ttl", str(NODE_TTL),
         "--heartbeat", str(NODE_HEARTBEAT),
     ]  # fmt: skip
 
@@ -180,15 +206,26 @@ def metric(body: str, name: str) -> float:
 
 
 def tally_from_metrics(body: str) -> Tally:
-    """A sidecar's rebuilds, puts and refused puts, from its /metrics page."""
+    """A sidecar's rebuilds, snapshot loads, puts and refused puts, from its /metrics page.
+
+    Loads: ``graphcache_snapshot_loads_total`` (rebuilds patched from the feed load nothing) plus
+    ``graphcache_read_loads_total``; puts: ``graphcache_puts_total`` (one per rebuild) plus the read
+    loads again, since each read-through load is followed by one put.
+    """
     tally = Tally()
     for sample in _samples(body):
+        value = int(sample.value)
         if sample.name == "graphcache_rebuilds_total":
-            tally.rebuilds += int(sample.value)
+            tally.rebuilds += value
+        elif sample.name == "graphcache_snapshot_loads_total":
+            tally.loads += value
+        elif sample.name == "graphcache_read_loads_total":
+            tally.loads += value
+            tally.puts += value
         elif sample.name == "graphcache_puts_total":
-            tally.puts += int(sample.value)
+            tally.puts += value
             if sample.labels.get("result") == "refused":
-                tally.refused += int(sample.value)
+                tally.refused += value
     return tally
 
 
@@ -271,6 +308,8 @@ def _worker_command(role: str, env: Env, name: str, out: Path, index: int) -> li
         "rate": config.rate if role == "writer" else config.read_rate,
         "history": out / f"{role}s-{index}.jsonl",
     }  # fmt: skip
+    if config.graph is not None:
+        options["graph_plan"] = out / PLAN_FILE  # written by the run's seed step (_lt_graph.seed_roots)
     return worker_argv(role, options)
 
 

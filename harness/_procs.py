@@ -9,13 +9,16 @@ signals and stdout lines, so no process needs a thread blocked on stdin:
   child  -> "progress {json}"  the process's running tally, every half second
   child  -> "done {json}"      the final tally; the history file is complete
 
-Each process runs many tasks (``--tasks``) and writes one history file (``--history``).
+Each process runs many tasks (``--tasks``) and writes one history file (``--history``). With
+``--graph-plan`` (a ``loadtest --graph`` run) writers update the spec's tables with plain SQL and both
+roles pick among the plan's sampled roots.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -23,16 +26,18 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ..cache import RedisCache, VersionedCache
-from ..storage import GraphStore, PostgresStore
+from ..storage import GraphSpec, GraphStore, PostgresStore
 from ._history import HistoryWriter
+from ._lt_graph import GraphRun, TableWrites, loader_statement, read_plan, writer_pool
 from ._strategies import NAMES, STRATEGIES, Tally
-from ._workload import DEFAULT_CHILDREN, Lane, Stopper, read_loop, task_picker, write_loop
+from ._workload import DEFAULT_CHILDREN, Commit, Lane, Stopper, read_loop, task_picker, write_loop
 
 __all__ = ("Child", "open_cache", "open_store", "spawn", "worker_argv")
 
@@ -41,8 +46,8 @@ PROGRESS_INTERVAL = 0.5
 
 
 @contextlib.asynccontextmanager
-async def open_store(dsn: str, schema: str) -> AsyncIterator[GraphStore]:
-    store: GraphStore = await PostgresStore.connect(dsn, schema=schema)
+async def open_store(dsn: str, schema: str, *, graph: GraphSpec | None = None) -> AsyncIterator[GraphStore]:
+    store: GraphStore = await PostgresStore.connect(dsn, schema=schema, graph=graph)
     try:
         yield store
     finally:
@@ -79,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--history", required=True)
+    parser.add_argument(
+        "--graph-plan", help="a --graph run's plan (harness/_lt_graph.py): write to the spec's tables"
+    )
 
 
 def _say(line: str) -> None:
@@ -105,32 +113,43 @@ async def _report_progress(tally: Tally) -> None:
         _say("progress " + json.dumps(tally.as_dict()))
 
 
+class _Connections(NamedTuple):
+    store: GraphStore | None  # writers only
+    cache: VersionedCache
+    commit: Commit | None  # a --graph run's writes (plain SQL on the spec's tables)
+
+
 @contextlib.asynccontextmanager
-async def _connections(args: argparse.Namespace) -> AsyncIterator[tuple[GraphStore | None, VersionedCache]]:
+async def _connections(
+    args: argparse.Namespace, plan: GraphRun | None, tally: Tally
+) -> AsyncIterator[_Connections]:
     async with contextlib.AsyncExitStack() as stack:
         cache = await stack.enter_async_context(open_cache(args.redis, args.namespace))
-        store = None
+        store, commit = None, None
         if args.role == "writer":
-            store = await stack.enter_async_context(open_store(args.postgres, args.schema))
-        yield store, cache
+            spec = None if plan is None else plan.workload.spec
+            store = await stack.enter_async_context(open_store(args.postgres, args.schema, graph=spec))
+            if plan is not None:
+                pool = await stack.enter_async_context(writer_pool(args.postgres))
+                commit = TableWrites(pool, plan, loader_statement(store), seed=args.seed, tally=tally)
+        yield _Connections(store, cache, commit)
 
 
-async def _work(
-    args: argparse.Namespace,
-    connections: tuple[GraphStore | None, VersionedCache],
-    lanes: list[Lane],
-    tally: Tally,
-) -> None:
-    store, cache = connections
+async def _work(args: argparse.Namespace, connections: _Connections, lanes: list[Lane], tally: Tally) -> None:
+    store, cache, commit = connections
     async with anyio.create_task_group() as tg:
         for lane in lanes:
             if store is None:
                 tg.start_soon(read_loop, lane, cache)
             else:
-                tg.start_soon(write_loop, lane, store, cache, STRATEGIES[args.strategy], tally)
+                loop = functools.partial(write_loop, commit=commit)
+                tg.start_soon(loop, lane, store, cache, STRATEGIES[args.strategy], tally)
 
 
-def _lanes(args: argparse.Namespace, history: HistoryWriter, stopper: Stopper) -> list[Lane]:
+def _lanes(
+    args: argparse.Namespace, plan: GraphRun | None, history: HistoryWriter, stopper: Stopper
+) -> list[Lane]:
+    ids = () if plan is None else plan.workload.roots
     return [
         Lane(
             f"{args.role}-{task}",
@@ -142,6 +161,7 @@ def _lanes(args: argparse.Namespace, history: HistoryWriter, stopper: Stopper) -
                 seed=args.seed,
                 role=args.role,
                 task=task,
+                ids=ids,
             ),
             history,
             stopper,
@@ -185,9 +205,18 @@ class Child:
                 self._line(await lines.receive_until(b"\n", 1 << 20))
         except (anyio.EndOfStream, anyio.IncompleteRead, anyio.ClosedResourceError):
             pass  # the process closed its stdout: it ended (or crashed)
-        finally:
-            self.ready.set()
-            self.done.set()
+        except anyio.get_cancelled_exc_class():
+            # Only the parent stopped listening: the process runs on, and "done" must stay unset so that
+            # stop() still signals it (rather than waiting out its grace period before a SIGKILL).
+            raise
+        except BaseException:
+            self._ended()
+            raise
+        self._ended()
+
+    def _ended(self) -> None:
+        self.ready.set()
+        self.done.set()
 
     def _line(self, raw: bytes) -> None:
         text = raw.decode(errors="replace").rstrip()
@@ -254,17 +283,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _main(args: argparse.Namespace) -> int:
     tally = Tally()
     stopper = Stopper()
+    plan = None if args.graph_plan is None else read_plan(args.graph_plan)
     with (
         anyio.open_signal_receiver(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT) as signals,
         HistoryWriter(args.history) as history,
     ):
-        async with _connections(args) as connections:
+        async with _connections(args, plan, tally) as connections:
             _say("ready")
             if await _await_go(signals):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_stop_on_signal_or_deadline, signals, stopper, args.duration)
                     tg.start_soon(_report_progress, tally)
-                    await _work(args, connections, _lanes(args, history, stopper), tally)
+                    await _work(args, connections, _lanes(args, plan, history, stopper), tally)
                     tg.cancel_scope.cancel()
     _say("done " + json.dumps(tally.as_dict()))
     return 0

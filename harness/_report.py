@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,15 @@ __all__ = (
 
 
 class StrategyResult(msgspec.Struct):
-    """One strategy's run: one row of the compare table."""
+    """One strategy's run: one row of the compare table.
+
+    Costs per committed update: ``loads_per_update`` (store snapshot loads done for caching: the writers'
+    loads, or the nodes' snapshot and read-through loads; patched rebuilds load nothing) and
+    ``puts_per_update`` (cache writes, refused ones included). ``rebuilds`` is the writers' loads or the
+    nodes' rebuilds (one put each). Freshness is in ``check``: ``visibility_lag_p50``/``p99`` (commit to
+    the first stored put of it or newer) and the read lag ``lag_p50``/``p99`` (commit to the first read
+    that saw it). The per-update fields are None in a report written before they were counted.
+    """
 
     strategy: str
     updates: int
@@ -41,13 +49,13 @@ class StrategyResult(msgspec.Struct):
     puts_refused: int
     cpu_s_per_1000: float
     check: CheckReport
-    lags: list[float] = []  # raw commit->visible lags (seconds) for the chart; may be a sample
+    lags: list[float] = []  # raw read lags (seconds) for the chart; may be a sample
     # Cache writes, refused ones included; None in a report written before they were counted.
     puts: int | None = None
-
-    @property
-    def puts_per_update(self) -> float | None:
-        return None if self.puts is None else self.puts / max(self.updates, 1)
+    loads: int | None = None  # store snapshot loads done for caching
+    loads_per_update: float | None = None
+    puts_per_update: float | None = None
+    visibility_lags: list[float] = []  # raw visibility lags (seconds) for the chart; may be a sample
 
     @property
     def broke_safety(self) -> bool:
@@ -66,12 +74,15 @@ def format_report(report: CheckReport, *, title: str = "consistency check") -> s
         f"  G2 torn graphs  {report.torn}   (unjudged reads past an unknown write: {report.unjudged})",
         f"  G3 stale roots  {report.stale}   (absent at end: {report.absent_at_end}, "
         f"not read at end: {report.unread_at_end})",
-        f"  lag p50/p95/p99 {_ms(report.lag_p50)} / {_ms(report.lag_p95)} / {_ms(report.lag_p99)}   "
-        f"(writes never seen by a later read: {report.unseen_commits})",
+        f"  visibility lag  p50/p95/p99 {_ms(report.visibility_lag_p50)} / {_ms(report.visibility_lag_p95)}"
+        f" / {_ms(report.visibility_lag_p99)}   (commit -> stored put; writes never stored:"
+        f" {report.invisible_commits}; puts: {report.stored_puts})",
+        f"  read lag        p50/p95/p99 {_ms(report.lag_p50)} / {_ms(report.lag_p95)} / "
+        f"{_ms(report.lag_p99)}   (commit -> seen by a read; writes never seen: {report.unseen_commits})",
     ]
     if report.visible_within:
         shares = ", ".join(f"{_pct(share)} within {name}" for name, share in report.visible_within.items())
-        lines.append(f"  visible    {shares}")
+        lines.append(f"  seen by reads  {shares}")
     if report.examples:
         lines.append("  examples:")
         lines.extend(f"    [{v.kind}] root {v.root!r}: {v.detail}" for v in report.examples)
@@ -83,17 +94,20 @@ _COLUMNS: tuple[_Column, ...] = (
     ("strategy", lambda r: r.strategy),
     ("updates", lambda r: str(r.updates)),
     ("updates/s", lambda r: f"{r.updates_per_s:.0f}"),
-    ("rebuilds", lambda r: str(r.rebuilds)),
-    ("rebuilds/upd", lambda r: f"{r.rebuilds_per_update:.3f}"),
+    ("loads/upd", lambda r: _ratio(r.loads_per_update)),
+    ("puts/upd", lambda r: _ratio(r.puts_per_update)),
     ("puts refused", lambda r: str(r.puts_refused)),
     ("G1", lambda r: str(r.check.regressions)),
     ("G2", lambda r: str(r.check.torn)),
     ("G3", lambda r: str(r.check.stale)),
-    ("lag p50", lambda r: _ms(r.check.lag_p50)),
-    ("lag p95", lambda r: _ms(r.check.lag_p95)),
-    ("lag p99", lambda r: _ms(r.check.lag_p99)),
+    ("vis lag p50", lambda r: _ms(r.check.visibility_lag_p50)),
+    ("vis lag p99", lambda r: _ms(r.check.visibility_lag_p99)),
+    ("read lag p50", lambda r: _ms(r.check.lag_p50)),
+    ("read lag p99", lambda r: _ms(r.check.lag_p99)),
     ("CPU s/1000", lambda r: f"{r.cpu_s_per_1000:.3f}"),
 )
+"""The compare table. vis lag: commit -> first stored put of it or newer (put acknowledgements); read lag:
+commit -> the first later read that saw it (includes the readers' sampling delay)."""
 
 
 def format_table(rows: Sequence[StrategyResult]) -> str:
@@ -112,10 +126,13 @@ class StrategySummary(msgspec.Struct):
     vs_none: float | None  # median updates/s over none's median (None if none did not run)
     vs_cas: float | None
     rebuilds_per_update: float  # median
-    lag_p99: float | None  # median of the rounds' p99s
+    lag_p99: float | None  # median of the rounds' read-lag p99s
     regressions: int  # G1, G2, G3: summed over the rounds
     torn: int
     stale: int
+    loads_per_update: float | None = None  # medians over the rounds that counted them
+    puts_per_update: float | None = None
+    visibility_lag_p99: float | None = None  # median of the rounds' visibility-lag p99s
 
 
 def summarize(rows: Sequence[StrategyResult]) -> list[StrategySummary]:
@@ -131,7 +148,6 @@ def summarize(rows: Sequence[StrategyResult]) -> list[StrategySummary]:
 
     summaries = []
     for name, runs in by_name.items():
-        p99s = [r.check.lag_p99 for r in runs if r.check.lag_p99 is not None]
         summaries.append(
             StrategySummary(
                 strategy=name,
@@ -142,13 +158,22 @@ def summarize(rows: Sequence[StrategyResult]) -> list[StrategySummary]:
                 vs_none=ratio(name, "none"),
                 vs_cas=ratio(name, "cas"),
                 rebuilds_per_update=statistics.median(r.rebuilds_per_update for r in runs),
-                lag_p99=statistics.median(p99s) if p99s else None,
+                lag_p99=_median(r.check.lag_p99 for r in runs),
                 regressions=sum(r.check.regressions for r in runs),
                 torn=sum(r.check.torn for r in runs),
                 stale=sum(r.check.stale for r in runs),
+                loads_per_update=_median(r.loads_per_update for r in runs),
+                puts_per_update=_median(r.puts_per_update for r in runs),
+                visibility_lag_p99=_median(r.check.visibility_lag_p99 for r in runs),
             )
         )
     return summaries
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    """The median of the values present (None if none is)."""
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
 
 
 def representative(rows: Sequence[StrategyResult]) -> list[StrategyResult]:
@@ -166,14 +191,17 @@ _SUMMARY_COLUMNS: tuple[tuple[str, Callable[[StrategySummary], str]], ...] = (
     ("range", lambda s: f"{s.updates_per_s_min:.0f}-{s.updates_per_s_max:.0f}"),
     ("x none", lambda s: "-" if s.vs_none is None else f"{s.vs_none:.2f}"),
     ("x cas", lambda s: "-" if s.vs_cas is None else f"{s.vs_cas:.2f}"),
-    ("rebuilds/upd", lambda s: f"{s.rebuilds_per_update:.3f}"),
-    ("lag p99 median", lambda s: _ms(s.lag_p99)),
+    ("loads/upd", lambda s: _ratio(s.loads_per_update)),
+    ("puts/upd", lambda s: _ratio(s.puts_per_update)),
+    ("vis lag p99", lambda s: _ms(s.visibility_lag_p99)),
+    ("read lag p99", lambda s: _ms(s.lag_p99)),
     ("G1+G2+G3", lambda s: f"{s.regressions}+{s.torn}+{s.stale}"),
 )
 
 
 def format_summary(rows: Sequence[StrategyResult]) -> str:
-    """The medians table over rounds: throughput (median and range), ratios of medians, rebuilds, lag."""
+    """The medians table over rounds: throughput (median and range), ratios of medians, loads and puts per
+    update, both lags' p99."""
     header = [name for name, _ in _SUMMARY_COLUMNS]
     return _render([header] + [[cell(s) for _, cell in _SUMMARY_COLUMNS] for s in summarize(rows)])
 
@@ -195,6 +223,10 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}ms"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _pct(share: float) -> str:
     return f"{share * 100:.1f}%"
 
@@ -207,8 +239,8 @@ def write_json(path: str | Path, payload: Any) -> None:
 
 CHART_TITLES = (
     "throughput (updates/s)",
-    "rebuilds and puts per update",
-    "commit -> visible lag (CDF)",
+    "snapshot loads and puts per update",
+    "commit -> in cache (solid), -> seen by a read (dotted): CDF",
     "G1 / G2 / G3 violations",
 )
 """The chart's panels, left to right and top to bottom."""
@@ -225,7 +257,7 @@ def write_chart(path: str | Path, results: Sequence[StrategyResult]) -> None:
 
 
 def chart(results: Sequence[StrategyResult]) -> Figure:
-    """Per strategy: throughput, rebuilds and puts per update, the lag CDF and the G1/G2/G3 counts.
+    """Per strategy: throughput, loads and puts per update, both lags' CDFs and the G1/G2/G3 counts.
 
     A strategy whose readers saw regressions or torn graphs is drawn in red, hatched and named
     "broke G1/G2" in every panel: its throughput and lag were bought by serving wrong graphs, so it must
@@ -274,14 +306,16 @@ def _plot_costs(axes: Any, results: Sequence[StrategyResult], labels: list[str])
     width = 0.4
     for x, result in enumerate(results):
         style = _style(result)
-        rebuilds = axes.bar([x - width / 2], [_finite(result.rebuilds_per_update)], width, **style)
-        axes.bar_label(rebuilds, fmt="%.2f", fontsize=_LABEL_SIZE)
+        # A report from before loads were counted: its rebuilds were all snapshot loads.
+        loads = result.rebuilds_per_update if result.loads_per_update is None else result.loads_per_update
+        bars = axes.bar([x - width / 2], [_finite(loads)], width, **style)
+        axes.bar_label(bars, fmt="%.2f", fontsize=_LABEL_SIZE)
         puts = result.puts_per_update
         if puts is not None:
             bars = axes.bar([x + width / 2], [_finite(puts)], width, **{**style, "alpha": 0.5})
             axes.bar_label(bars, fmt="%.2f", fontsize=_LABEL_SIZE)
     axes.set_xticks(range(len(results)), labels)
-    axes.set_ylabel("per committed update (solid: rebuilds, light: puts)")
+    axes.set_ylabel("per committed update (solid: loads, light: puts)")
 
 
 def _plot_lags(axes: Any, results: Sequence[StrategyResult], labels: list[str]) -> None:
@@ -290,21 +324,27 @@ def _plot_lags(axes: Any, results: Sequence[StrategyResult], labels: list[str]) 
     axes.set_ylabel("share of observed commits")
     plotted = False
     for index, (result, label) in enumerate(zip(results, labels, strict=True)):
-        if not result.lags:
-            continue
-        lags_ms = sorted(max(lag * 1000, 1e-3) for lag in result.lags)  # log axis: no zeros
-        shares = [(i + 1) / len(lags_ms) for i in range(len(lags_ms))]
         if result.broke_safety:
             color, line = _BROKEN_COLOR, "--"
         else:
             color, line = _LINE_COLORS[index % len(_LINE_COLORS)], "-"
-        axes.step(lags_ms, shares, line, color=color, where="post", label=label.replace("\n", " "))
-        plotted = True
+        name = label.replace("\n", " ")
+        # The visibility lag carries the legend; the read lag, dotted in the same colour, does not.
+        for lags, style, legend in ((result.visibility_lags, line, name), (result.lags, ":", "_" + name)):
+            if lags:
+                _plot_cdf(axes, lags, style, color, legend)
+                plotted = True
     if plotted:
         axes.set_xscale("log")
         axes.legend(loc="lower right")
     else:
         axes.text(0.5, 0.5, "no lag data", ha="center", va="center", transform=axes.transAxes)
+
+
+def _plot_cdf(axes: Any, lags: list[float], style: str, color: str, label: str) -> None:
+    lags_ms = sorted(max(lag * 1000, 1e-3) for lag in lags)  # log axis: no zeros
+    shares = [(i + 1) / len(lags_ms) for i in range(len(lags_ms))]
+    axes.step(lags_ms, shares, style, color=color, where="post", label=label)
 
 
 def _plot_violations(axes: Any, results: Sequence[StrategyResult], labels: list[str]) -> None:

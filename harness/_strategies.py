@@ -1,7 +1,9 @@
 """Re-cache strategies the load test compares, each given the same committed writes.
 
 After each committed update a writer calls ``after_write``; the strategy maintains the cached graph its
-own way and counts what it did in a ``Tally``:
+own way, counts what it did in a ``Tally`` (snapshot loads, puts) and returns the version of the graph
+the cache acknowledged storing, if it stored one (the writer records that acknowledgement in its
+history: the checker's visibility lag runs from a commit to the first stored put of it or a newer one):
 
   actor     graphcache: nothing here; the Nodes rebuild from the change feed (their counters are read
             from the Nodes' statistics)
@@ -29,14 +31,16 @@ __all__ = ("NAMES", "STRATEGIES", "Strategy", "Tally")
 
 @dataclass
 class Tally:
-    """What one process's writers did: committed updates, rebuilds (loads done for caching), cache writes
-    (puts) and the refused ones among them (or rebuilds given up before a write), failures."""
+    """What one process's writers (or a run's nodes) did: committed updates, rebuilds (writers: loads done
+    for caching; nodes: their rebuilds, one put each), cache writes (puts) and the refused ones among them
+    (or rebuilds given up before a write), failures, and store snapshot loads done for caching."""
 
     updates: int = 0
     rebuilds: int = 0
     refused: int = 0
     failures: int = 0
     puts: int = 0
+    loads: int = 0
 
     def add(self, other: Tally) -> None:
         self.updates += other.updates
@@ -44,6 +48,7 @@ class Tally:
         self.refused += other.refused
         self.failures += other.failures
         self.puts += other.puts
+        self.loads += other.loads
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -54,7 +59,10 @@ class Strategy(Protocol):
 
     async def after_write(
         self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
-    ) -> None: ...
+    ) -> int | None:
+        """Maintain the cache after the commit of ``version``; the version of the graph the cache stored
+        (acknowledged), or None if this call stored nothing."""
+        ...
 
 
 class NoCache:
@@ -64,7 +72,7 @@ class NoCache:
 
     async def after_write(
         self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
-    ) -> None:
+    ) -> int | None:
         return None
 
 
@@ -79,12 +87,15 @@ class CompareAndSet:
 
     async def after_write(
         self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
-    ) -> None:
+    ) -> int | None:
         graph = await store.load(root_id)
+        tally.loads += 1
         tally.rebuilds += 1
         tally.puts += 1
         if not await cache.put_if_newer(graph_key(root_id), graph, graph.version):
             tally.refused += 1
+            return None
+        return graph.version
 
 
 class Naive:
@@ -92,12 +103,14 @@ class Naive:
 
     async def after_write(
         self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
-    ) -> None:
+    ) -> int | None:
         read_version = await store.version(root_id)
         nodes = (await store.load(root_id)).nodes
+        tally.loads += 1
         tally.rebuilds += 1
         tally.puts += 1
         await cache.insert(graph_key(root_id), Graph(root_id, read_version, nodes))
+        return read_version
 
 
 class CheckThenSet:
@@ -105,15 +118,17 @@ class CheckThenSet:
 
     async def after_write(
         self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
-    ) -> None:
+    ) -> int | None:
         read_version = await store.version(root_id)
         nodes = (await store.load(root_id)).nodes
+        tally.loads += 1
         tally.rebuilds += 1
         if await store.version(root_id) != read_version:
             tally.refused += 1
-            return
+            return None
         tally.puts += 1
         await cache.insert(graph_key(root_id), Graph(root_id, read_version, nodes))
+        return read_version
 
 
 class Locked:
@@ -125,25 +140,28 @@ class Locked:
 
     async def after_write(
         self, store: GraphStore, cache: VersionedCache, root_id: str, version: int, tally: Tally
-    ) -> None:
+    ) -> int | None:
         key = graph_key(root_id)
         try:
             _, lock = await cache.get_and_lock(key, lock_timeout=self.lock_timeout, wait=self.wait)
         except ObjectLocked:
             tally.refused += 1
-            return
+            return None
         try:
             graph = await store.load(root_id)
         except BaseException:
             # Release on any failure (cancellation included) so others need not wait for the lock to lapse.
             await _unlock_quietly(cache, key, lock)
             raise
+        tally.loads += 1
         tally.rebuilds += 1
         tally.puts += 1
         try:
             await cache.put_and_unlock(key, graph, lock)
         except LockLost:
             tally.refused += 1
+            return None
+        return graph.version
 
 
 async def _unlock_quietly(cache: VersionedCache, key: str, lock: LockHandle) -> None:

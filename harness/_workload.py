@@ -14,7 +14,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,11 +24,23 @@ import msgspec
 
 from ..actors import graph_key
 from ..cache import CacheError, VersionedCache
-from ..storage import Change, Checkpoint, ConcurrencyConflict, Graph, GraphStore, Node, Op, StoreError, Upsert
+from ..storage import (
+    Change,
+    Checkpoint,
+    ConcurrencyConflict,
+    Graph,
+    GraphStore,
+    Node,
+    Op,
+    SlotFilter,
+    StoreError,
+    Upsert,
+)
 from ._history import Event, HistoryWriter, graph_hash
 from ._strategies import Strategy, Tally
 
 __all__ = (
+    "Commit",
     "Dist",
     "Lane",
     "RootPicker",
@@ -77,11 +89,14 @@ class RootPicker:
         return self._roots[min(bisect.bisect_right(self._cumulative, point), len(self._roots) - 1)]
 
 
-def task_picker(*, roots: int, dist: Dist, zipf_s: float, seed: int, role: str, task: int) -> RootPicker:
+def task_picker(
+    *, roots: int, dist: Dist, zipf_s: float, seed: int, role: str, task: int, ids: Sequence[str] = ()
+) -> RootPicker:
     """One task's root picker: its own random stream from (seed, role, task), so a task picks the same roots
-    in the same order whichever strategy runs and whether it runs in this process or a worker process."""
+    in the same order whichever strategy runs and whether it runs in this process or a worker process.
+    ``ids``: the roots, most popular first (default: ``root_ids(roots)``)."""
     rng = random.Random(f"{seed}:{role}:{task}")
-    return RootPicker(root_ids(roots), dist=dist, zipf_s=zipf_s, rng=rng)
+    return RootPicker(ids or root_ids(roots), dist=dist, zipf_s=zipf_s, rng=rng)
 
 
 def initial_data(root_id: str) -> dict[str, Any]:
@@ -112,7 +127,9 @@ async def create_roots(
     store: GraphStore, roots: Sequence[str], history: HistoryWriter, *, children: int = 0, limit: int = 16
 ) -> None:
     """Create every root at version 1 (then give it ``children`` children at version 2), recording each
-    step (ops, and the initial hash) for the checker."""
+    step (ops, and the initial hash) for the checker. Both steps are recorded as ``create``: the root's
+    initial graph, a commit the checker replays but does not measure (no strategy caches it: the load
+    has not started yet)."""
     pending = iter(roots)
 
     async def creator() -> None:
@@ -125,7 +142,8 @@ async def create_roots(
                 Event("setup", "ok", "create", root_id, _now(), version=version, hash=digest, ops=ops)
             )
             if children > 0:
-                await _write("setup", history, store, root_id, initial_children(root_id, children))
+                ops = initial_children(root_id, children)
+                await _write("setup", history, store, root_id, ops, op="create")
 
     async with anyio.create_task_group() as tg:
         for _ in range(min(limit, len(roots))):
@@ -180,8 +198,19 @@ class _Pacer:
             await self._stopper.event.wait()
 
 
+Commit = Callable[[Lane, str, int], Awaitable[int | None]]
+"""``commit(lane, root_id, seq)``: make and record writer ``lane``'s ``seq``-th change to ``root_id`` some
+other way than ``store.apply`` (a --graph run's plain SQL); the committed version, or None."""
+
+
 async def write_loop(
-    lane: Lane, store: GraphStore, cache: VersionedCache, strategy: Strategy, tally: Tally
+    lane: Lane,
+    store: GraphStore,
+    cache: VersionedCache,
+    strategy: Strategy,
+    tally: Tally,
+    *,
+    commit: Commit | None = None,
 ) -> None:
     """Commit one change per iteration, record it, then let the strategy maintain the cache its way."""
     pacer = _Pacer(lane.rate, lane.stopper)
@@ -189,41 +218,62 @@ async def write_loop(
         if lane.stopper.stopped:
             return
         root_id = lane.picker.pick()
-        ops = write_ops(root_id, lane.index, seq, lane.children)
-        version = await _write(lane.process, lane.history, store, root_id, ops)
+        if commit is None:
+            ops = write_ops(root_id, lane.index, seq, lane.children)
+            version = await _write(lane.process, lane.history, store, root_id, ops)
+        else:
+            version = await commit(lane, root_id, seq)
         if version is not None:
             tally.updates += 1
-            await _maintain(strategy, store, cache, root_id, version=version, tally=tally)
+            await _maintain(strategy, store, cache, lane, root_id, version=version, tally=tally)
         await pacer.wait()
 
 
 async def _write(
-    process: str, history: HistoryWriter, store: GraphStore, root_id: str, ops: list[Op]
+    process: str,
+    history: HistoryWriter,
+    store: GraphStore,
+    root_id: str,
+    ops: list[Op],
+    *,
+    op: Literal["create", "write"] = "write",
 ) -> int | None:
-    history.record(Event(process, "invoke", "write", root_id, _now()))
+    history.record(Event(process, "invoke", op, root_id, _now()))
     try:
         version = await store.apply(root_id, ops)
     except ConcurrencyConflict:
-        history.record(Event(process, "fail", "write", root_id, _now()))
+        history.record(Event(process, "fail", op, root_id, _now()))
         return None
     except StoreError as exc:
         # Outcome unknown (e.g. the connection dropped after sending): the checker will not judge the gap.
         logger.warning("write to %s failed: %r", root_id, exc)
-        history.record(Event(process, "info", "write", root_id, _now()))
+        history.record(Event(process, "info", op, root_id, _now()))
         return None
     builtins = msgspec.to_builtins(ops)
-    history.record(Event(process, "ok", "write", root_id, _now(), version=version, ops=builtins))
+    history.record(Event(process, "ok", op, root_id, _now(), version=version, ops=builtins))
     return version
 
 
 async def _maintain(
-    strategy: Strategy, store: GraphStore, cache: VersionedCache, root_id: str, *, version: int, tally: Tally
+    strategy: Strategy,
+    store: GraphStore,
+    cache: VersionedCache,
+    lane: Lane,
+    root_id: str,
+    *,
+    version: int,
+    tally: Tally,
 ) -> None:
+    """The strategy's cache maintenance after one commit; a put the cache acknowledged as stored is
+    recorded (a "rebuild" ok with the stored version) as soon as it returns."""
     try:
-        await strategy.after_write(store, cache, root_id, version, tally)
+        stored = await strategy.after_write(store, cache, root_id, version, tally)
     except (StoreError, CacheError) as exc:
         tally.failures += 1
         logger.warning("%s could not maintain %s: %r", strategy.name, root_id, exc)
+        return
+    if stored is not None:
+        lane.history.record(Event(lane.process, "ok", "rebuild", root_id, _now(), version=stored))
 
 
 async def record_read(
@@ -285,11 +335,14 @@ class SlowLoads:
     async def cursor(self) -> int:
         return await self._store.cursor()
 
-    def changes(self, *, after: int | None = None) -> AsyncIterator[Change]:
-        return self._store.changes(after=after)
+    def changes(self, *, after: int | None = None, slots: SlotFilter | None = None) -> AsyncIterator[Change]:
+        return self._store.changes(after=after, slots=slots)
 
-    async def save_checkpoint(self, name: str, cursor: int) -> None:
-        await self._store.save_checkpoint(name, cursor)
+    async def save_checkpoint(self, name: str, cursor: int, *, slots: Collection[int] | None = None) -> None:
+        await self._store.save_checkpoint(name, cursor, slots=slots)
+
+    async def checkpoints(self) -> list[tuple[str, Checkpoint]]:
+        return await self._store.checkpoints()
 
     async def load_checkpoint(self, name: str) -> Checkpoint | None:
         return await self._store.load_checkpoint(name)

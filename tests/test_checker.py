@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphcache.harness import Event, HistoryError, check, check_with_lags, graph_hash
+from graphcache.harness import Event, HistoryError, check, check_with_all_lags, check_with_lags, graph_hash
 from graphcache.storage import Delete, Graph, GraphStore, MemoryStore, Node, Op, PostgresStore, Upsert
 
 Rows = dict[str, tuple[str | None, dict[str, Any]]]
@@ -247,6 +247,58 @@ def test_a_read_without_hash_is_unjudged() -> None:
     assert (report.torn, report.unjudged) == (0, 1)
 
 
+def hash_only(op: Literal["create", "write"], root: str, t: float, version: int, digest: str) -> list[Event]:
+    """A commit recorded as the hash of the whole graph it left, without ops (a plain-SQL writer's)."""
+    return [Event("sql", "ok", op, root, t, version=version, hash=digest)]
+
+
+def test_commits_recorded_by_hash_alone_are_judged() -> None:
+    """Writes known only by the hash of the graph they left: a read matching its version's hash passes,
+    one holding another version's content is torn and says which."""
+    events = [
+        *hash_only("create", "r", 0.0, 1, H1),
+        *hash_only("write", "r", 1.0, 2, H2),
+        *hash_only("write", "r", 2.0, 3, H3),
+        *read("r", 1.2, 1.3, 2, H2),
+        *read("r", 2.2, 2.3, 3, H3),
+        *read("r", 2.21, 2.5, 2, H3, process="reader-2"),  # overlaps the read of v3: no regression
+    ]
+    report = check(events)
+    assert (report.torn, report.unjudged, report.writes) == (1, 0, 2)
+    [example] = report.examples
+    assert example.detail.startswith("reader-2 read v2 (t=+2.500000s) holding the content of v3;")
+
+
+def test_a_commit_known_by_hash_after_replayed_ones_is_judged() -> None:
+    """A hash-only commit may follow commits recorded by ops: each version is judged by its own record."""
+    events = [
+        *create("r", 0.0),
+        *write("r", 1.0, 1.1, 2, Upsert("a", "r", {"n": 1})),
+        *hash_only("write", "r", 2.0, 3, H3),
+        *read("r", 1.2, 1.3, 2, H2),
+        *read("r", 2.2, 2.3, 3, H3),
+        *read("r", 2.4, 2.5, 3, H2),
+    ]
+    report = check(events)
+    assert (report.torn, report.unjudged) == (1, 0)
+
+
+def test_ops_after_a_commit_known_by_hash_alone_are_unjudged() -> None:
+    """Ops cannot be replayed onto a graph known only by its hash: a later write recorded by ops alone
+    leaves its version (and every later one) unjudged, while the versions before it are still judged."""
+    events = [
+        *create("r", 0.0),
+        *hash_only("write", "r", 1.0, 2, H2),
+        *write("r", 2.0, 2.1, 3, Upsert("a", "r", {"n": 2})),
+        *hash_only("write", "r", 3.0, 4, "f" * 24),
+        *read("r", 1.2, 1.3, 2, H2),
+        *read("r", 2.2, 2.3, 3, H3),
+        *read("r", 3.2, 3.3, 4, "f" * 24),
+    ]
+    report = check(events)
+    assert (report.torn, report.unjudged) == (0, 2)
+
+
 def test_stale_end_is_found() -> None:
     """A root whose last read after the final event shows an older version is one G3 violation."""
     events = [
@@ -334,6 +386,55 @@ def test_unseen_commits_count_as_not_visible() -> None:
     assert report.unseen_commits == 1
     assert report.lag_p50 == pytest.approx(0.105)
     assert report.visible_within == pytest.approx({"10ms": 0.0, "100ms": 0.0, "1s": 0.5})
+
+
+def put(root: str, t: float, version: int, *, process: str = "node-0") -> list[Event]:
+    """A put of ``version`` that the cache acknowledged as stored at ``t``."""
+    return [Event(process, "ok", "rebuild", root, t, version=version)]
+
+
+def test_visibility_lag_runs_from_a_write_to_the_first_stored_put_of_it_or_newer() -> None:
+    """v2 (ok at 1.1) is first stored by a put of v3 at 2.3; v3 (ok at 2.1) by that same put: 1.2 s
+    and 0.2 s. A put of an older version covers nothing newer."""
+    events = [*three_versions(), *put("r", 1.5, 1), *put("r", 2.3, 3), *put("r", 2.4, 2)]
+    report, lags = check_with_all_lags(events)
+    assert sorted(lags.visibility) == pytest.approx([0.2, 1.2])
+    assert report.visibility_lag_p50 == pytest.approx(0.2)
+    assert report.visibility_lag_p99 == pytest.approx(1.2)
+    assert (report.invisible_commits, report.stored_puts) == (0, 3)
+
+
+def test_a_put_acknowledged_before_the_write_ok_is_lag_zero() -> None:
+    """A node may cache v2 before its writer hears the commit's ack: the commit was visible at once."""
+    events = [*three_versions(), *put("r", 1.05, 2), *put("r", 2.15, 3)]
+    report, lags = check_with_all_lags(events)
+    assert sorted(lags.visibility) == pytest.approx([0.0, 0.05])
+    assert report.visibility_lag_p50 == 0.0
+
+
+def test_a_write_no_put_covered_is_counted_invisible() -> None:
+    """v3 is never stored: counted in invisible_commits, not given a lag; v2's put still counts."""
+    events = [*three_versions(), *put("r", 1.3, 2)]
+    report, lags = check_with_all_lags(events)
+    assert lags.visibility == pytest.approx([0.2])
+    assert report.invisible_commits == 1
+    assert report.visibility_lag_p99 == pytest.approx(0.2)
+
+
+def test_without_put_acknowledgements_there_is_no_visibility_lag() -> None:
+    """A history with reads but no stored puts (the none strategy, an old history) has a read lag only,
+    and every write counts as invisible; creates are never measured."""
+    events = [*three_versions(), *read("r", 2.2, 2.3, 3, H3)]
+    report = check(events)
+    assert (report.visibility_lag_p50, report.visibility_lag_p95, report.visibility_lag_p99) == (None,) * 3
+    assert (report.invisible_commits, report.stored_puts, report.writes) == (2, 0, 2)
+    assert report.lag_p99 is not None
+
+
+def test_puts_of_other_roots_do_not_cover_a_write() -> None:
+    """A put is matched to writes of its own root only."""
+    events = [*three_versions(), *create("s", 0.0), *put("s", 2.5, 9)]
+    assert check(events).invisible_commits == 2
 
 
 def test_empty_history_has_no_lag() -> None:

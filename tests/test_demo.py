@@ -35,12 +35,14 @@ def test_naive_column_shows_the_race(demo_result: DemoResult) -> None:
 
 
 def test_graphcache_column_is_clean_and_coalesces(demo_result: DemoResult) -> None:
-    """graphcache: zero regressions, torn graphs and stale roots, and fewer rebuilds than updates."""
+    """graphcache: zero regressions, torn graphs and stale roots; puts never exceed updates, and snapshot
+    loads are far fewer (the actors patch from the feed's row images)."""
     ours = demo_result.graphcache
     assert ours.strategy == "actor"
     assert (ours.regressions, ours.torn, ours.stale) == (0, 0, 0)
     assert ours.reads > 0
-    assert 0 < ours.rebuilds < ours.updates
+    assert 0 < ours.puts <= ours.updates + ours.loads  # read-throughs: one load and one put each
+    assert 0 < ours.loads < ours.updates / 10
 
 
 def test_table_puts_both_columns_side_by_side(demo_result: DemoResult) -> None:
@@ -54,8 +56,8 @@ def test_table_puts_both_columns_side_by_side(demo_result: DemoResult) -> None:
 
 def test_verdict_names_a_violation_when_there_is_one() -> None:
     """If graphcache ever showed a violation, the demo would say so instead of claiming success."""
-    bad = DemoColumn("actor", updates=10, rebuilds=5, regressions=1, torn=0, stale=0, reads=10)
-    good_naive = DemoColumn("naive", updates=10, rebuilds=10, regressions=0, torn=3, stale=0, reads=10)
+    bad = DemoColumn("actor", updates=10, loads=1, puts=5, regressions=1, torn=0, stale=0, reads=10)
+    good_naive = DemoColumn("naive", updates=10, loads=10, puts=10, regressions=0, torn=3, stale=0, reads=10)
     text = format_demo(DemoResult(naive=good_naive, graphcache=bad))
     assert "VIOLATIONS FOUND" in text
     assert "no regression" not in text

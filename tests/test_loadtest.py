@@ -6,24 +6,32 @@ import argparse
 import http.server
 import json
 import os
+import random
 import re
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import msgspec
 import pytest
 
 from graphcache import _cli
+from graphcache._cli import UsageError
 from graphcache.harness import StrategyResult, _loadtest, read_history
 from graphcache.harness._loadtest import LoadConfig, run_compare
 from graphcache.harness._lt_backends import Env
 from graphcache.harness._lt_config import fresh_out_directory
 from graphcache.harness._lt_fleet import scrape, serve_argv, tally_from_metrics
+from graphcache.harness._lt_graph import GraphWorkload, WritableColumn, WritableTable, confirm, new_value
+from graphcache.harness._procs import spawn
 from graphcache.harness._strategies import NAMES
+from graphcache.storage import GraphSpec
 
 
 def loadtest(argv: list[str]) -> int:
@@ -84,13 +92,54 @@ def test_writer_side_strategies_rebuild_once_per_update(compare_run: tuple[int, 
 
 
 def test_histories_chart_and_json_are_written(compare_run: tuple[int, Path]) -> None:
-    """Each strategy keeps its histories (writes, reads, final versions); report.png is a PNG."""
+    """Each strategy keeps its histories (writes, reads, final versions, and the puts the cache stored:
+    by the writers, or by the nodes for actor); report.png is a PNG."""
     out = compare_run[1]
     assert (out / "report.png").read_bytes().startswith(PNG_SIGNATURE)
     for name in NAMES:
         events = read_history(*sorted((out / name).glob("*.jsonl")))
         ops = {(e.op, e.type) for e in events}
         assert {("create", "ok"), ("write", "ok"), ("read", "ok"), ("final", "ok")} <= ops
+        assert (("rebuild", "ok") in ops) == (name != "none")
+    puts = read_history(out / "actor" / "nodes.jsonl")
+    assert puts
+    assert {e.process for e in puts} <= {"node-0", "node-1"}
+
+
+REPORT_FIELDS = {"updates_per_s", "loads_per_update", "puts_per_update"}
+CHECK_FIELDS = {
+    "visibility_lag_p50",
+    "visibility_lag_p99",
+    "regressions",
+    "torn",
+    "stale",
+    "lag_p50",
+    "lag_p99",
+}
+
+
+def test_report_json_names_the_figures_targets_read(compare_run: tuple[int, Path]) -> None:
+    """Each result in report.json has updates_per_s, loads_per_update, puts_per_update and, under check,
+    the visibility lag p50/p99 (seconds, finite for every strategy that maintains the cache), the read
+    lag beside it, and G1-G3; none stores nothing, so all its commits are invisible."""
+    payload = json.loads((compare_run[1] / "report.json").read_bytes())
+    rows = {row["strategy"]: row for row in payload["results"]}
+    assert all(row.keys() >= REPORT_FIELDS and row["check"].keys() >= CHECK_FIELDS for row in rows.values())
+    for name in ("actor", "cas", "naive", "checkset", "lock"):
+        row, check = rows[name], rows[name]["check"]
+        assert row["loads_per_update"] > 0
+        assert row["puts_per_update"] > 0
+        assert 0 <= check["visibility_lag_p50"] <= check["visibility_lag_p99"] < 60
+        assert check["stored_puts"] > 0
+    assert rows["cas"]["loads_per_update"] == rows["cas"]["puts_per_update"] == 1.0
+    assert rows["actor"]["puts_per_update"] < 1.0
+    none = rows["none"]
+    assert (none["loads_per_update"], none["puts_per_update"], none["check"]["visibility_lag_p50"]) == (
+        0,
+        0,
+        None,
+    )
+    assert none["check"]["invisible_commits"] == none["check"]["writes"] > 0
 
 
 def test_same_seed_same_workload(tmp_path: Path) -> None:
@@ -151,6 +200,18 @@ def test_ctrl_c_stops_with_a_partial_report(tmp_path: Path, signum: signal.Signa
             "argument --min-rebuild-interval: must be 0 or a positive number",
         ),
         (["--latency", "0.2", "0.1"], "--latency MIN MAX: MIN (0.2) must not exceed MAX (0.1)"),
+        (["--graph", "shop.toml"], "--graph runs on the real servers only"),
+        (  # the spec file is read before any server is contacted (these two are not even there)
+            [
+                "--graph",
+                "/nonexistent/shop.toml",
+                "--redis",
+                "redis://127.0.0.1:1/0",
+                "--postgres",
+                "postgresql://u@127.0.0.1:1/x",
+            ],
+            "graph spec /nonexistent/shop.toml: cannot read it",
+        ),
     ],
 )
 def test_bad_flags_are_refused_before_anything_runs(
@@ -191,6 +252,9 @@ METRICS_PAGE = "\n".join(
         "# TYPE graphcache_puts_total counter",
         'graphcache_puts_total{node="node-0",result="stored"} 586.0',
         'graphcache_puts_total{node="node-0",result="refused"} 150.0',
+        'graphcache_snapshot_loads_total{node="node-0"} 120.0',
+        'graphcache_patched_rebuilds_total{node="node-0"} 616.0',
+        'graphcache_read_loads_total{node="node-0"} 4.0',
         'graphcache_rebuild_seconds_count{node="node-0"} 736.0',
         'graphcache_members{node="node-0"} 2.0',
         "",
@@ -199,9 +263,11 @@ METRICS_PAGE = "\n".join(
 
 
 def test_sidecar_counts_are_read_from_prometheus_text() -> None:
-    """Rebuilds, puts and refused puts come from the sidecar's /metrics families, summed over label sets."""
+    """Rebuilds, puts and refused puts come from the sidecar's /metrics families, summed over label sets;
+    loads are the snapshot loads plus the read-through loads, each of which also puts once."""
     tally = tally_from_metrics(METRICS_PAGE)
-    assert (tally.rebuilds, tally.puts, tally.refused, tally.updates) == (736, 736, 150, 0)
+    assert (tally.rebuilds, tally.puts, tally.refused, tally.updates) == (736, 740, 150, 0)
+    assert tally.loads == 124
 
 
 class _MetricsPage(http.server.BaseHTTPRequestHandler):
@@ -272,11 +338,13 @@ def test_min_rebuild_interval_reaches_the_config() -> None:
     """--min-rebuild-interval is the actor nodes' pacing in the run's config (and the sidecars' flag)."""
     parser = argparse.ArgumentParser()
     _loadtest.add_arguments(parser)
-    config = _loadtest.config_from_args(parser.parse_args(["--min-rebuild-interval", "0.25"]))
-    assert config.min_rebuild_interval == 0.25
+    args = ["--min-rebuild-interval", "0.25", "--feed-interval", "0.02"]
+    config = _loadtest.config_from_args(parser.parse_args(args))
+    assert (config.min_rebuild_interval, config.feed_interval) == (0.25, 0.02)
     env = Env(config, store=None, cache=None, namespace="ns", schema="sc")  # type: ignore[arg-type]
     argv = serve_argv(env, "node-0")
     assert argv[argv.index("--min-rebuild-interval") + 1] == "0.25"
+    assert argv[argv.index("--feed-interval") + 1] == "0.02"
 
 
 def test_out_defaults_to_a_new_folder_in_the_current_directory(
@@ -318,3 +386,71 @@ def test_nothing_is_run_or_written_when_a_server_is_unreachable(
     assert err.startswith("graphcache loadtest: cannot reach Redis (--redis redis://127.0.0.1:1/0)")
     assert err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+SHOP = GraphWorkload(
+    path="shop.toml",
+    spec=GraphSpec.loads('[graph]\nroot = "orders"\n[tables.orders]\nkey = "id"\n'),
+    roots=("1", "2"),
+    tables=(WritableTable("orders", "id", "int8", (WritableColumn("customer", "text"),)),),
+)
+
+
+def test_graph_writes_go_ahead_with_yes_or_a_typed_yes() -> None:
+    """--yes, or "yes" typed at a terminal, lets a --graph run write; anything else stops it, exit 2."""
+    dsn = "postgresql://team:secret@staging/shop"
+    confirm(dsn, SHOP, yes=True, interactive=lambda: pytest.fail("asked despite --yes"))
+    confirm(dsn, SHOP, yes=False, interactive=lambda: True, ask=lambda prompt: "yes\n")
+    with pytest.raises(UsageError, match="not confirmed: nothing was written"):
+        confirm(dsn, SHOP, yes=False, interactive=lambda: True, ask=lambda prompt: "y")
+    with pytest.raises(UsageError) as refused:
+        confirm(dsn, SHOP, yes=False, interactive=lambda: False)
+    message = str(refused.value)
+    assert "public.orders (customer)" in message
+    assert "2 sampled roots" in message
+    assert message.endswith("add --yes to go ahead")
+    assert "secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("type_name", "typmod", "fits"),
+    [
+        ("varchar", 3 + 4, lambda v: isinstance(v, str) and 0 < len(v) <= 3),
+        ("text", -1, lambda v: v == "w7.123"),
+        ("numeric", ((4 << 16) | 2) + 4, lambda v: 0 <= v < 100 and v == round(v, 2)),
+        ("numeric", ((3 << 16) | 3) + 4, lambda v: 0 <= v < 1),
+        ("int2", -1, lambda v: -(2**15) <= v < 2**15),
+        ("jsonb", -1, lambda v: v == {"writer": 7, "seq": 123}),
+    ],
+)
+def test_graph_writers_make_values_that_fit_the_column(
+    type_name: str, typmod: int, fits: Callable[[Any], bool]
+) -> None:
+    """A new value respects its column's length or precision, so no update is refused for its size."""
+    rng = random.Random(1)
+    for _ in range(200):
+        assert fits(new_value(WritableColumn("c", type_name, typmod), rng, 7, 123))
+
+
+def test_a_child_whose_output_is_no_longer_read_is_still_stopped_by_sigterm(tmp_path: Path) -> None:
+    """After the parent stops reading a child's output (its pump task cancelled, as when a fleet of
+    sidecars is torn down), stop() still sends SIGTERM, rather than waiting out the grace period for a
+    SIGKILL: the child ends through its own handler."""
+    script = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))\n"
+        "print('ready', flush=True)\n"
+        "signal.pause()\n"
+    )
+
+    async def main() -> int | None:
+        child = await spawn("child", [sys.executable, "-c", script], log=tmp_path / "child.log")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(child.pump)
+            with anyio.fail_after(30):
+                await child.ready.wait()
+            tg.cancel_scope.cancel()
+        await child.stop(grace=60)
+        return child.returncode
+
+    assert anyio.run(main) == 3

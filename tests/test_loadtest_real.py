@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -20,6 +25,7 @@ from graphcache.actors import graph_key
 from graphcache.cache import CacheUnavailable
 from graphcache.harness import StrategyResult, _loadtest, read_history
 from graphcache.harness._lt_backends import Env
+from graphcache.harness._servers import drop_schema
 from graphcache.harness._strategies import Tally
 from graphcache.harness._workload import Stopper
 from tests._redis_servers import PrivateRedis
@@ -66,6 +72,31 @@ def test_naive_on_real_servers_is_caught(real_run: tuple[int, Path, dict[str, St
     naive = real_run[2]["naive"]
     assert naive.updates > 0
     assert naive.check.regressions + naive.check.torn > 0
+
+
+def test_visibility_lag_and_costs_are_measured_on_real_servers(
+    real_run: tuple[int, Path, dict[str, StrategyResult]],
+) -> None:
+    """The sidecars (serve --record-puts) and the naive writers record the puts Redis stored: both get a
+    finite visibility lag, and snapshot loads and puts per update above zero."""
+    out, results = real_run[1], real_run[2]
+    for name in ("actor", "naive"):
+        result = results[name]
+        p50, p99 = result.check.visibility_lag_p50, result.check.visibility_lag_p99
+        assert p50 is not None
+        assert p99 is not None
+        assert 0 <= p50 <= p99 < 60
+        assert result.check.stored_puts > 0
+        assert result.loads_per_update is not None
+        assert result.loads_per_update > 0
+        assert result.puts_per_update is not None
+        assert result.puts_per_update > 0
+    files = sorted((out / "actor" / "actor").glob("node-*.jsonl"))
+    assert [f.name for f in files] == ["node-0.jsonl", "node-1.jsonl"]
+    puts = read_history(*files)
+    assert puts
+    assert {e.process for e in puts} <= {"node-0", "node-1"}  # a node may own none of the 4 roots
+    assert {(e.op, e.type) for e in puts} == {("rebuild", "ok")}
 
 
 def test_each_process_wrote_its_history(real_run: tuple[int, Path, dict[str, StrategyResult]]) -> None:
@@ -176,8 +207,8 @@ def test_redis_stopped_mid_run_is_one_line_and_the_schema_is_dropped(
         if run.poll() is None:
             run.kill()
             run.wait()
-        if private_redis._process is None:
-            private_redis.start()
+    # The private server stays down: it kept nothing (no persistence), so there is nothing to clean, and
+    # restarting it on its old port can fail once an outgoing connection has taken that port meanwhile.
     assert run.returncode == 1, err
     assert err.count("\n") == 1, err
     assert "Traceback" not in err
@@ -185,3 +216,219 @@ def test_redis_stopped_mid_run_is_one_line_and_the_schema_is_dropped(
     assert found is not None, err
     schema = found.group(1).replace("gclt", "gclt_", 1)
     assert not anyio.run(schema_exists, postgres_dsn, schema)
+
+
+# ---- --graph: the load test on a team's own tables ---------------------------------------------------------
+
+SHOP_SPEC = """
+[graph]
+schema = "{schema}"
+root = "orders"
+[tables.orders]
+key = "id"
+[tables.order_lines]
+key = "id"
+parent = "orders"
+parent_key = "order_id"
+[tables.line_notes]
+key = "id"
+parent = "order_lines"
+parent_key = "line_id"
+columns = ["id", "line_id", "body"]
+"""
+SHOP_TABLES = """
+CREATE TABLE {s}.orders (id bigint PRIMARY KEY, customer text, total numeric(8,2), paid boolean NOT NULL
+    DEFAULT false, code varchar(4));
+CREATE TABLE {s}.order_lines (id bigint PRIMARY KEY, order_id bigint NOT NULL REFERENCES {s}.orders,
+    sku text UNIQUE, qty int, pos smallint, price float8, meta jsonb);
+CREATE TABLE {s}.line_notes (id bigint PRIMARY KEY, line_id bigint NOT NULL REFERENCES {s}.order_lines,
+    body text CHECK (length(body) < 100), noted_at timestamptz NOT NULL DEFAULT now());
+"""
+SHOP_ROWS = """
+INSERT INTO {s}.orders (id, customer, total) SELECT g, 'c' || g, g * 1.5 FROM generate_series(1, 10) g;
+INSERT INTO {s}.order_lines (id, order_id, sku, qty, meta)
+    SELECT g, 1 + g % 10, 'sku-' || g, g, '{{"gift": false}}' FROM generate_series(1, 30) g;
+INSERT INTO {s}.line_notes (id, line_id, body) SELECT g, 1 + g % 30, 'n' || g FROM generate_series(1, 40) g;
+"""
+WRITABLE = {
+    "orders": {"customer", "total", "paid", "code"},
+    "order_lines": {"qty", "pos", "price", "meta"},
+    "line_notes": set(),  # body is under a CHECK, noted_at a timestamp: no-op updates only
+}
+"""The columns a --graph writer may change in the shop's tables; every other column stays as it was."""
+
+
+async def make_shop(dsn: str, schema: str, *, rows: bool) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"' + SHOP_TABLES.format(s=f'"{schema}"'))
+        if rows:
+            await conn.execute(SHOP_ROWS.format(s=f'"{schema}"'))
+    finally:
+        await conn.close()
+
+
+async def shop_rows(dsn: str, schema: str) -> dict[str, dict[int, dict[str, object]]]:
+    """Every row of the shop's tables, by table and key."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {
+            table: {row["id"]: dict(row) for row in await conn.fetch(f'SELECT * FROM "{schema}".{table}')}  # noqa: S608
+            for table in WRITABLE
+        }
+    finally:
+        await conn.close()
+
+
+async def triggers_on(dsn: str, schema: str) -> list[str]:
+    """The user triggers on the tables of ``schema`` (a foreign key's internal ones aside)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT t.tgname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid"
+            " JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND NOT t.tgisinternal",
+            schema,
+        )
+        return [row["tgname"] for row in rows]
+    finally:
+        await conn.close()
+
+
+class Shop(msgspec.Struct):
+    """A team's schema of three tables (orders -> order_lines -> line_notes) and its graph spec."""
+
+    schema: str
+    spec: Path
+
+
+@contextlib.contextmanager
+def shop(dsn: str, directory: Path, *, rows: bool = True) -> Iterator[Shop]:
+    from tests.conftest import RUN_ID  # noqa: PLC0415
+
+    schema = f"gct_{RUN_ID}_shop{uuid.uuid4().hex[:6]}"
+    spec = directory / "shop.toml"
+    spec.write_text(SHOP_SPEC.format(schema=schema))
+    try:
+        anyio.run(functools.partial(make_shop, dsn, schema, rows=rows))
+        yield Shop(schema, spec)
+    finally:
+        anyio.run(drop_schema, dsn, schema)
+
+
+class GraphRun(msgspec.Struct):
+    code: int
+    out: Path
+    shop: Shop
+    before: dict[str, dict[int, dict[str, object]]]
+    after: dict[str, dict[int, dict[str, object]]]
+
+
+@pytest.fixture(scope="module")
+def graph_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GraphRun]:
+    """A short ``loadtest --graph`` run (actor) on a three-level shop in a schema of its own."""
+    from tests.conftest import POSTGRES_DSN, REDIS_URL  # noqa: PLC0415
+
+    out = tmp_path_factory.mktemp("graph")
+    with shop(POSTGRES_DSN, out) as team:
+        before = anyio.run(shop_rows, POSTGRES_DSN, team.schema)
+        argv = ["--graph", str(team.spec), "--yes", "--strategy", "actor", "--redis", REDIS_URL,
+                "--postgres", POSTGRES_DSN, "--roots", "4", "--writers", "8", "--readers", "4",
+                "--duration", "3", "--settle", "15", "--no-progress", "--out", str(out / "run")]  # fmt: skip
+        code = loadtest(argv)
+        after = anyio.run(shop_rows, POSTGRES_DSN, team.schema)
+        yield GraphRun(code, out / "run", team, before, after)
+
+
+def graph_report(run: GraphRun) -> tuple[StrategyResult, dict[str, Any]]:
+    payload = json.loads((run.out / "report.json").read_bytes())
+    (actor,) = msgspec.convert(payload["results"], list[StrategyResult])
+    return actor, payload["config"]["graph"]
+
+
+def test_graph_run_keeps_g1_g2_g3(graph_run: GraphRun) -> None:
+    """Plain-SQL writes to the team's tables, sidecars serving the spec: the checker judges reads against
+    the hashes the writers read inside their transactions and finds no regression, torn graph or stale
+    root."""
+    actor, graph = graph_report(graph_run)
+    assert graph_run.code == 0
+    assert len(graph["roots"]) == 4
+    assert actor.updates > 0
+    check = actor.check
+    assert (check.regressions, check.torn, check.stale) == (0, 0, 0)
+    assert check.reads - check.absent_reads - check.unjudged > 0  # reads judged by hash
+    assert check.unread_at_end == 0
+    assert 0 < actor.rebuilds < actor.updates
+
+
+def test_graph_run_writes_only_writable_columns_of_sampled_roots(graph_run: GraphRun) -> None:
+    """No row appears or vanishes, no key or parent key moves, no column outside the writable ones
+    changes, and the rows of roots that were not sampled are untouched; the writable ones did change."""
+    _, graph = graph_report(graph_run)
+    sampled = {int(key) for key in graph["roots"]}
+    before, after = graph_run.before, graph_run.after
+    changed = 0
+    for table, writable in WRITABLE.items():
+        assert after[table].keys() == before[table].keys()
+        for key, row in after[table].items():
+            old = before[table][key]
+            root = key if table == "orders" else None
+            if table == "order_lines":
+                root = row["order_id"]
+            elif table == "line_notes":
+                root = before["order_lines"][row["line_id"]]["order_id"]
+            moved = {column for column in row if row[column] != old[column]}
+            assert moved <= (writable if root in sampled else set()), (table, key, moved)
+            changed += len(moved)
+    assert changed > 0
+
+
+def test_graph_run_removes_triggers_schema_and_keys(
+    graph_run: GraphRun, redis_url: str, postgres_dsn: str
+) -> None:
+    """Afterwards the team's tables carry no trigger, the run's store schema is dropped and its Redis
+    namespace is empty."""
+    assert anyio.run(triggers_on, postgres_dsn, graph_run.shop.schema) == []
+    log = (graph_run.out / "actor" / "node-0.log").read_text()
+    found = re.search(r"\((gclt[0-9a-f]{10}):members\)", log)
+    assert found is not None
+    namespace = found.group(1)
+    assert keys_under(redis_url, namespace) == []
+    assert not anyio.run(schema_exists, postgres_dsn, namespace.replace("gclt", "gclt_", 1))
+
+
+GRAPH_BAD_INPUT = {
+    "no --postgres": "--graph runs on the real servers only",
+    "spec cycle": "parent cycle",
+    "spec names a missing column": "has no column 'colour'",
+    "empty root table": "has no rows to write to",
+    "no --yes without a terminal": "add --yes to go ahead",
+}
+
+
+@pytest.mark.parametrize("case", GRAPH_BAD_INPUT)
+def test_graph_bad_input_is_one_line_and_exit_2(
+    case: str,
+    redis_url: str,
+    postgres_dsn: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Bad input to --graph is one line on stderr, exit 2, and nothing is installed or written."""
+    with shop(postgres_dsn, tmp_path, rows=case != "empty root table") as team:
+        spec = team.spec.read_text()
+        if case == "spec cycle":
+            spec = spec.replace('parent = "orders"', 'parent = "line_notes"')
+        elif case == "spec names a missing column":
+            spec = spec.replace('["id", "line_id", "body"]', '["id", "colour"]')
+        team.spec.write_text(spec)
+        servers = ["--redis", redis_url] + ([] if case == "no --postgres" else ["--postgres", postgres_dsn])
+        yes = [] if case == "no --yes without a terminal" else ["--yes"]
+        before = anyio.run(shop_rows, postgres_dsn, team.schema)
+        argv = ["--graph", str(team.spec), *yes, *servers, "--duration", "1", "--no-progress",
+                "--out", str(tmp_path / "out")]  # fmt: skip
+        assert loadtest(argv) == 2
+        err = capsys.readouterr().err
+        assert GRAPH_BAD_INPUT[case] in err, err
+        assert err.count("\n") == 1, err
+        assert anyio.run(triggers_on, postgres_dsn, team.schema) == []
+        assert anyio.run(shop_rows, postgres_dsn, team.schema) == before

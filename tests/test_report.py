@@ -47,6 +47,10 @@ def a_report(**changes: object) -> CheckReport:
         lag_p99=0.0505,
         visible_within={"10ms": 0.9, "100ms": 1.0, "1s": 1.0},
         examples=[],
+        visibility_lag_p50=0.0008,
+        visibility_lag_p95=0.0032,
+        visibility_lag_p99=0.0204,
+        stored_puts=50,
     )
     return msgspec.structs.replace(base, **changes)
 
@@ -63,47 +67,56 @@ def a_result(strategy: str, **changes: object) -> StrategyResult:
         cpu_s_per_1000=0.25,
         check=a_report(),
         lags=[0.001, 0.002, 0.004, 0.0],
+        visibility_lags=[0.0005, 0.001, 0.0, 0.002],
     )
     return msgspec.structs.replace(base, **changes)
 
 
 def test_table_has_a_header_a_rule_and_one_aligned_row_per_strategy() -> None:
-    """Every line of the table is as wide as the rule; each strategy's figures appear in its row."""
+    """Every line of the table is as wide as the rule; each strategy's figures appear in its row: loads and
+    puts per update, then the visibility lag and the read lag, p50 and p99 each."""
     rows = [
-        a_result("actor"),
+        a_result("actor", loads_per_update=0.02, puts_per_update=0.05),
         a_result("naive", updates_per_s=12345.6, check=a_report(regressions=7, torn=2)),
     ]
     lines = format_table(rows).splitlines()
     assert len(lines) == 4
     header, rule, actor, naive = lines
     assert header.split()[:3] == ["strategy", "updates", "updates/s"]
+    assert "vis lag p50" in header
+    assert "read lag p99" in header
     assert set(rule) == {"-", " "}
     assert {len(header), len(actor), len(naive)} == {len(rule)}
-    counts = ["actor", "1000", "500", "50", "0.050", "3", "0", "0", "0"]
-    assert actor.split() == [*counts, "1.2ms", "10.1ms", "50.5ms", "0.250"]
+    counts = ["actor", "1000", "500", "0.020", "0.050", "3", "0", "0", "0"]
+    assert actor.split() == [*counts, "0.8ms", "20.4ms", "1.2ms", "50.5ms", "0.250"]
     assert naive.split()[2] == "12346"
+    assert naive.split()[3:5] == ["-", "-"]  # a report from before loads and puts were counted
     assert naive.split()[6:8] == ["7", "2"]
 
 
 def test_table_shows_a_dash_for_a_missing_lag() -> None:
-    """A strategy whose commits were never seen has no percentiles: shown as '-'."""
-    row = format_table([a_result("none", check=a_report(lag_p50=None, lag_p95=None, lag_p99=None))])
-    assert row.splitlines()[2].split()[9:12] == ["-", "-", "-"]
+    """A strategy whose commits were never cached nor seen has no percentiles: shown as '-'."""
+    check = a_report(
+        lag_p50=None, lag_p95=None, lag_p99=None, visibility_lag_p50=None, visibility_lag_p99=None
+    )
+    row = format_table([a_result("none", check=check)])
+    assert row.splitlines()[2].split()[9:13] == ["-", "-", "-", "-"]
 
 
 def test_summary_takes_medians_over_rounds_and_ratios_of_medians() -> None:
     """Three rounds each: median and range of updates/s, ratios of the medians to none and cas, the
     median p99, and G1-G3 summed over every round (one bad round is not hidden by the median)."""
+    costs = {"loads_per_update": 0.02, "puts_per_update": 0.05}
     rows = [
-        a_result("actor", updates_per_s=900.0, check=a_report(lag_p99=0.2)),
+        a_result("actor", updates_per_s=900.0, check=a_report(lag_p99=0.2), **costs),
         a_result("cas", updates_per_s=700.0),
-        a_result("none", updates_per_s=1000.0, check=a_report(lag_p99=None)),
-        a_result("actor", updates_per_s=1100.0, check=a_report(lag_p99=0.3, torn=1)),
+        a_result("none", updates_per_s=1000.0, check=a_report(lag_p99=None, visibility_lag_p99=None)),
+        a_result("actor", updates_per_s=1100.0, check=a_report(lag_p99=0.3, torn=1), **costs),
         a_result("cas", updates_per_s=800.0),
-        a_result("none", updates_per_s=1200.0, check=a_report(lag_p99=None)),
-        a_result("actor", updates_per_s=1000.0, check=a_report(lag_p99=0.1)),
+        a_result("none", updates_per_s=1200.0, check=a_report(lag_p99=None, visibility_lag_p99=None)),
+        a_result("actor", updates_per_s=1000.0, check=a_report(lag_p99=0.1, visibility_lag_p99=0.01)),
         a_result("cas", updates_per_s=750.0),
-        a_result("none", updates_per_s=1100.0, check=a_report(lag_p99=None)),
+        a_result("none", updates_per_s=1100.0, check=a_report(lag_p99=None, visibility_lag_p99=None)),
     ]
     actor, cas, none = summarize(rows)
     assert (actor.strategy, actor.runs, actor.updates_per_s) == ("actor", 3, 1000.0)
@@ -111,12 +124,16 @@ def test_summary_takes_medians_over_rounds_and_ratios_of_medians() -> None:
     assert actor.vs_none == pytest.approx(1000 / 1100)
     assert actor.vs_cas == pytest.approx(1000 / 750)
     assert actor.lag_p99 == pytest.approx(0.2)
+    assert actor.visibility_lag_p99 == pytest.approx(0.0204)
+    assert (actor.loads_per_update, actor.puts_per_update) == (0.02, 0.05)  # the rounds that counted them
     assert (actor.regressions, actor.torn, actor.stale) == (0, 1, 0)
     assert none.lag_p99 is None
+    assert none.visibility_lag_p99 is None
     assert cas.vs_cas == 1.0
     lines = format_summary(rows).splitlines()
-    assert lines[2].split() == ["actor", "3", "1000", "900-1100", "0.91", "1.33", "0.050", "200.0ms", "0+1+0"]
-    assert lines[4].split()[7] == "-"
+    medians = ["0.020", "0.050", "20.4ms", "200.0ms", "0+1+0"]
+    assert lines[2].split() == ["actor", "3", "1000", "900-1100", "0.91", "1.33", *medians]
+    assert lines[4].split()[6:10] == ["-", "-", "-", "-"]
 
 
 def test_summary_without_a_baseline_shows_dashes() -> None:
@@ -155,7 +172,8 @@ def test_write_json_round_trips_a_strategy_result(tmp_path: Path) -> None:
 def test_write_chart_writes_a_png(tmp_path: Path) -> None:
     """The chart is a PNG file drawn with matplotlib's Agg renderer, also for a strategy with no lags."""
     path = tmp_path / "report.png"
-    write_chart(path, [a_result("actor"), a_result("none", lags=[], rebuilds_per_update=0.0)])
+    none = a_result("none", lags=[], visibility_lags=[], rebuilds_per_update=0.0)
+    write_chart(path, [a_result("actor"), none])
     assert path.read_bytes().startswith(PNG_SIGNATURE)
 
 
@@ -163,25 +181,42 @@ def _bar_heights(axes: object) -> list[float]:
     return [patch.get_height() for patch in axes.patches]  # type: ignore[attr-defined]
 
 
+def _legend(axes: object) -> list[str]:
+    """The labels of the lines that appear in the legend (an underscore hides one)."""
+    labels = [line.get_label() for line in axes.get_lines()]  # type: ignore[attr-defined]
+    return [label for label in labels if not label.startswith("_")]
+
+
 def test_chart_shows_throughput_costs_lag_and_violations_per_strategy() -> None:
-    """Four panels: updates/s, rebuilds and puts per update, the lag CDF, and G1/G2/G3 counts, each per
-    strategy."""
+    """Four panels: updates/s, snapshot loads and puts per update, the visibility and read lag CDFs, and
+    G1/G2/G3 counts, each per strategy."""
     results = [
-        a_result("actor", updates_per_s=900.0, rebuilds_per_update=0.1, puts=80),
-        a_result("cas", updates_per_s=700.0, rebuilds_per_update=1.0, puts=1000),
+        a_result(
+            "actor", updates_per_s=900.0, rebuilds_per_update=0.2, loads_per_update=0.1, puts_per_update=0.2
+        ),
+        a_result(
+            "cas", updates_per_s=700.0, rebuilds_per_update=1.0, loads_per_update=1.0, puts_per_update=1.0
+        ),
     ]
     speed, cost, lag, violations = chart(results).axes
     assert [axes.get_title() for axes in (speed, cost, lag, violations)] == list(CHART_TITLES)
     assert CHART_TITLES == (
         "throughput (updates/s)",
-        "rebuilds and puts per update",
-        "commit -> visible lag (CDF)",
+        "snapshot loads and puts per update",
+        "commit -> in cache (solid), -> seen by a read (dotted): CDF",
         "G1 / G2 / G3 violations",
     )
     assert _bar_heights(speed) == [900.0, 700.0]
-    assert _bar_heights(cost) == [0.1, 0.08, 1.0, 1.0]  # rebuilds, then puts, of each strategy
-    assert [line.get_label() for line in lag.get_lines()] == ["actor", "cas"]
+    assert _bar_heights(cost) == [0.1, 0.2, 1.0, 1.0]  # loads, then puts, of each strategy
+    assert len(lag.get_lines()) == 4  # each strategy's visibility lag (solid) and read lag (dotted)
+    assert _legend(lag) == ["actor", "cas"]
     assert _bar_heights(violations) == [0, 0, 0, 0, 0, 0]
+
+
+def test_chart_takes_rebuilds_as_loads_from_a_report_before_loads_were_counted() -> None:
+    """An older report (no loads_per_update) draws its rebuilds per update, which were all loads then."""
+    cost = chart([a_result("cas", rebuilds_per_update=1.0)]).axes[1]
+    assert _bar_heights(cost) == [1.0]
 
 
 def test_chart_marks_a_strategy_that_broke_g1_or_g2_in_every_panel() -> None:
@@ -195,7 +230,7 @@ def test_chart_marks_a_strategy_that_broke_g1_or_g2_in_every_panel() -> None:
     speed, cost, lag, violations = figure.axes
     for axes in (speed, cost, violations):
         assert [tick.get_text() for tick in axes.get_xticklabels()] == ["actor", "naive\n(broke G1/G2)"]
-    assert [line.get_label() for line in lag.get_lines()] == ["actor", "naive (broke G1/G2)"]
+    assert _legend(lag) == ["actor", "naive (broke G1/G2)"]
     safe, broken = speed.patches
     assert safe.get_facecolor() != broken.get_facecolor()
     assert broken.get_hatch() == "//"
@@ -213,7 +248,7 @@ def test_chart_leaves_puts_out_when_a_report_did_not_count_them() -> None:
 def test_write_chart_without_any_lag_still_writes_a_png(tmp_path: Path) -> None:
     """No lag data at all (e.g. only the 'none' strategy) still gives a chart."""
     path = tmp_path / "empty.png"
-    write_chart(path, [a_result("none", lags=[])])
+    write_chart(path, [a_result("none", lags=[], visibility_lags=[])])
     assert path.read_bytes().startswith(PNG_SIGNATURE)
 
 
