@@ -41,6 +41,10 @@ __all__ = ("DEFAULT_MIN_REBUILD_INTERVAL", "RootActor")
 
 logger = logging.getLogger(__name__)
 
+_MAX_IMAGES_UNKEPT = 64
+"""Versions whose images an actor keeps while it has no graph to patch them into (those arriving while
+its snapshot loads may follow it)."""
+
 _MAX_PENDING_IMAGES = 1024
 """Versions whose row images an actor keeps while they wait to be applied; beyond, it forgets them all
 and its next rebuild loads a snapshot (a backlog that long is cheaper to load than to replay)."""
@@ -314,10 +318,11 @@ class RootActor:
         self._counters.patched += 1
         return live.graph()
 
-    def _keep(self, graph: Graph, patched: Graph | None) -> None:
-        """After a put: keep the graph to patch later versions into (a loaded one is taken anew)."""
+    def _keep(self, graph: Graph, patched: Graph | None, lease: int) -> None:
+        """After a put: keep the graph to patch later versions into (a loaded one is taken anew, with the
+        lease it was loaded under)."""
         if graph is not patched:
-            live = LiveGraph(graph) if self._max_live_bytes else None
+            live = LiveGraph(graph, lease) if self._max_live_bytes else None
             self._live = live if live is not None and live.size <= self._max_live_bytes else None
         for version in [v for v in self._images if v <= graph.version]:
             del self._images[version]
@@ -342,7 +347,8 @@ class RootActor:
                 self._give_up(target, exc)
                 return
             self._note_failure(1, 0.0, exc)
-            await self._rebuild_with_retries(target, since, patched)
+            self._live = None  # after a failure, in doubt: the retries load a snapshot
+            await self._rebuild_with_retries(self._wanted, since, None)
 
     async def _rebuild_with_retries(self, target: int, since: float | None, patched: Graph | None) -> None:
         try:
@@ -356,14 +362,15 @@ class RootActor:
 
     async def _rebuild_once(self, target: int, since: float | None, patched: Graph | None) -> None:
         started = time.monotonic()
+        basis = None if patched is None or self._live is None else self._live.lease
         try:
-            graph, stored = await self._rebuilder.rebuild(self.root_id, patched)
+            graph, stored, lease = await self._rebuilder.rebuild_leased(self.root_id, patched, basis)
         except RootNotFound as exc:
             if exc.version is None:  # the store never had it: nothing cached to take back
                 raise
             await self._forget(exc.version)
             return
-        self._keep(graph, patched)
+        self._keep(graph, patched, lease)
         self._counters.rebuild_seconds.observe(time.monotonic() - started)
         self._rebuilds += 1
         self._counters.rebuilds += 1
@@ -403,6 +410,8 @@ class RootActor:
         self._counters.notifications += 1
         # A duplicate, or a late copy of a version told without images: keep one copy of its images.
         keep = images is not None and self._max_live_bytes and version > self._built
+        if self._live is None and len(self._images) >= _MAX_IMAGES_UNKEPT:
+            keep = False  # no graph to patch: only the few that may follow the snapshot being loaded
         if keep and self._images.get(version) is None:
             if len(self._images) >= _MAX_PENDING_IMAGES:
                 self._images.clear()

@@ -68,11 +68,13 @@ class _Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 class _Batch:
-    __slots__ = ("done", "error", "errors", "given", "results", "root_ids")
+    __slots__ = ("basis", "done", "error", "errors", "given", "leases", "results", "root_ids")
 
     def __init__(self) -> None:
         self.root_ids: list[str] = []
         self.given: dict[str, Graph] = {}  # graphs patched by their actors: put without a load
+        self.basis: dict[str, int] = {}  # the lease each patched graph's base snapshot was loaded under
+        self.leases: dict[str, int] = {}  # the lease each root's result was put (and loaded) under
         self.done = anyio.Event()
         self.results: dict[str, tuple[Graph, bool]] = {}
         self.errors: dict[str, Exception] = {}
@@ -137,11 +139,20 @@ class Rebuilder:
         """Seconds each graph this rebuilder puts lives in the cache (None: no expiry)."""
         return self._ttl
 
-    async def rebuild(self, root_id: str, patched: Graph | None = None) -> tuple[Graph, bool]:
-        """Load ``root_id``'s graph and put it if newer; with ``patched`` (a graph its actor computed
-        from the feed's row images), put that one without a load, unless the cache lost the key since
-        its lease was taken: then the graph is loaded anew (the patched one may be older than what
-        readers saw before the loss). Returns the graph put (``patched`` itself, or the loaded one)."""
+    async def rebuild(self, root_id: str) -> tuple[Graph, bool]:
+        """Load ``root_id``'s graph and put it if newer: ``(graph, stored)``."""
+        graph, stored, _ = await self.rebuild_leased(root_id)
+        return graph, stored
+
+    async def rebuild_leased(
+        self, root_id: str, patched: Graph | None = None, basis: int | None = None
+    ) -> tuple[Graph, bool, int]:
+        """As ``rebuild``, also returning the lease the graph was put (and loaded) under. With
+        ``patched`` (a graph its actor computed from the feed's row images on a snapshot loaded under
+        lease ``basis``), put that one without a load, unless the key's lease is no longer ``basis``
+        (the cache lost the key since: a put under a newer lease only proves nothing was lost since
+        *that* lease, and the patched graph may be older than what readers saw before the loss): then
+        the graph is loaded anew. Returns the graph put (``patched`` itself, or the loaded one)."""
         while True:
             batch = self._open
             lead = batch is None or root_id in batch.root_ids  # a root twice in one batch: start another
@@ -149,8 +160,9 @@ class Rebuilder:
                 batch = self._open = _Batch()
             assert batch is not None
             batch.root_ids.append(root_id)
-            if patched is not None:
+            if patched is not None and basis is not None:
                 batch.given[root_id] = patched
+                batch.basis[root_id] = basis
             if len(batch.root_ids) >= self._max_batch:
                 self._open = None
             if lead:
@@ -158,7 +170,7 @@ class Rebuilder:
             else:
                 await batch.done.wait()
             if (result := batch.results.get(root_id)) is not None:
-                return result
+                return (*result, batch.leases[root_id])
             if (error := batch.errors.get(root_id)) is not None:
                 raise error
             if batch.error is not None:
@@ -242,6 +254,9 @@ class Rebuilder:
         try:
             for _ in range(_RELOADS):
                 leases = await self._take_leases(pending)  # before the load: see the module docstring
+                for root_id in pending:  # a patched graph stands on its snapshot's lease, or is loaded
+                    if root_id in batch.given and batch.basis[root_id] != leases[root_id]:
+                        del batch.given[root_id]
                 to_load = [root_id for root_id in pending if root_id not in batch.given]
                 graphs = await self._load(batch, to_load) if to_load else []
                 graphs += [batch.given[root_id] for root_id in pending if root_id in batch.given]
@@ -260,6 +275,7 @@ class Rebuilder:
                 for graph, was_stored in zip(graphs, stored, strict=True):
                     if graph.root_id not in batch.errors and graph.root_id not in pending:
                         batch.results[graph.root_id] = (graph, was_stored)
+                        batch.leases[graph.root_id] = leases[graph.root_id]
                 if not pending:
                     return
         except Exception as exc:  # broad on purpose: every actor of the batch gets it and decides

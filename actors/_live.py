@@ -31,9 +31,10 @@ class Doubt(Exception):
 class LiveGraph:
     """A root's graph at ``version``, cheap to patch (``apply``) and to hand to a put (``graph``)."""
 
-    __slots__ = ("_children", "_nodes", "_top", "root_id", "size", "version")
+    __slots__ = ("_children", "_nodes", "_top", "lease", "root_id", "size", "version")
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, lease: int) -> None:
+        self.lease = lease  # the cache lease the graph's snapshot was loaded under (patches build on it)
         self.root_id = graph.root_id
         self.version = graph.version
         self._nodes = dict(graph.nodes)

@@ -654,6 +654,8 @@ class Node:
                 break
             cursor = checkpoint
         self._rewind_to = cursor if self._rewind_to is None else min(self._rewind_to, cursor)
+        if self._routed_cursor is not None:  # a checkpoint saved from now on claims the gained slots too
+            self._routed_cursor = min(self._routed_cursor, self._rewind_to)
         if self._pass_scope is not None:
             self._pass_scope.cancel()
 

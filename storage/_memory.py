@@ -340,10 +340,12 @@ def _graph(root_id: str, snapshot: _Committed) -> Graph:
 
 
 def _images(plan: Plan) -> tuple[RowImage, ...]:
-    """The row images of an applied plan: its deletions, then its writes (the order ``apply`` uses)."""
+    """The row images of an applied plan: its writes, then its deletions. Writes first: a deletion takes
+    the node's subtree as it stands, so a node moved out from under a deleted one must have moved first.
+    The plan lists every node it removes, so no surviving node is below a deleted one."""
     gone = [RowImage(node_id) for node_id in sorted(plan.deletes)]
     written = [
         RowImage(node_id, parent_id, _json_decoder.decode(data_json), row_version)
         for node_id, (parent_id, data_json, row_version) in plan.upserts.items()
     ]
-    return (*gone, *written)
+    return (*written, *gone)

@@ -41,7 +41,7 @@ from ._model import Checkpoint, Graph, Node, Op, RowImage
 from ._schema import MAX_IMAGES, Sql, migrate, quote_table
 from ._slots import SlotFilter, check_slots, slot_bitmap, slots_of_bitmap
 from ._spec import GraphSpec, SpecError
-from ._spec_sql import SpecSql, TrackAction, check_catalog, plan_tracking, track
+from ._spec_sql import RENDERING, SpecSql, TrackAction, check_catalog, plan_tracking, track
 from ._validate import (
     DEFAULT_MAX_DATA_BYTES,
     MAX_PAGE,
@@ -84,9 +84,20 @@ def _decode_jsonb(data: bytes) -> Any:
 _images_decoder = msgspec.json.Decoder(tuple[RowImage, ...] | None)
 
 
+def _decode_images(text: str) -> tuple[RowImage, ...] | None:
+    """An outbox row's images; None (load a snapshot instead) for any that do not decode, e.g. a row of
+    a spec table whose key is NULL: one bad row must never stop a feed."""
+    try:
+        images: tuple[RowImage, ...] | None = _images_decoder.decode(text)
+    except msgspec.DecodeError:
+        return None
+    return images
+
+
 def _images_json(plan: Plan) -> bytes | None:
-    """The outbox images of an applied plan (its deletions, then its writes: the order the statement
-    applies them in), as JSON; None when there are more than the outbox keeps."""
+    """The outbox images of an applied plan, as JSON: its writes, then its deletions (a deletion takes
+    the node's subtree as it stands, so a node moved out from under a deleted one must have moved first;
+    the plan lists every node it removes). None when there are more than the outbox keeps."""
     if len(plan.deletes) + len(plan.upserts) > MAX_IMAGES:
         return None
     gone = [[node_id] for node_id in sorted(plan.deletes)]
@@ -94,7 +105,7 @@ def _images_json(plan: Plan) -> bytes | None:
         [node_id, parent_id, msgspec.Raw(data_json), row_version]
         for node_id, (parent_id, data_json, row_version) in plan.upserts.items()
     ]
-    return _json_encoder.encode([*gone, *written])
+    return _json_encoder.encode([*written, *gone])
 
 
 async def _init_connection(conn: Any) -> None:
@@ -242,6 +253,7 @@ class PostgresStore:
                 max_size=pool_size,
                 init=_init_connection,
                 reset=_keep_session,
+                server_settings=RENDERING,  # as the spec triggers render row images
                 timeout=timeout,  # connecting
                 command_timeout=timeout,  # every statement
             )
@@ -647,7 +659,7 @@ class _FeedOutbox:
                 row["root_id"],
                 row["version"],
                 row["committed_at"],
-                _images_decoder.decode(row["images"]) if keep_images and row["images"] else None,
+                _decode_images(row["images"]) if keep_images and row["images"] else None,
             )
             for row in rows
             if row["root_id"] is not None

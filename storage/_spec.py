@@ -143,9 +143,10 @@ class _Parser:
         return value
 
     def ident(self, value: object, where: str) -> str:
-        if not isinstance(value, str) or not IDENT.fullmatch(value):
+        # No "$": the generated trigger functions are dollar-quoted.
+        if not isinstance(value, str) or not IDENT.fullmatch(value) or "$" in value:
             raise self.fail(
-                f"{where} must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_$]*, at most 63), got {value!r}"
+                f"{where} must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*, at most 63), got {value!r}"
             )
         return value
 

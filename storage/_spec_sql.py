@@ -30,6 +30,7 @@ from ._schema import SCHEMA_VERSION, Sql, migrate
 from ._spec import GraphSpec, SpecError, TableSpec
 
 __all__ = (
+    "RENDERING",
     "KeyKind",
     "SpecSql",
     "TrackAction",
@@ -39,6 +40,16 @@ __all__ = (
 )
 
 KeyKind = Literal["integer", "text", "uuid"]
+RENDERING = {
+    "TimeZone": "UTC",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "IntervalStyle": "postgres",
+}
+"""How rows are rendered as JSON, fixed for the trigger functions (which log row images in the writer's
+transaction) and for the store's own connections (whose loader renders the same rows): a writer's own
+TimeZone, say, must not make a patched graph differ from a snapshot of it."""
+
 _KEY_KINDS: dict[str, KeyKind] = {
     "int2": "integer",
     "int4": "integer",
@@ -65,7 +76,7 @@ def _literal(text: str) -> str:
 # -- the catalog -----------------------------------------------------------------------------------------
 
 _CATALOG = """
-SELECT c.relname, c.relkind::text AS relkind, a.attname, t.typname,
+SELECT c.relname, c.relkind::text AS relkind, a.attname, t.typname, a.attnotnull,
        EXISTS (SELECT FROM pg_index AS i
                WHERE i.indrelid = c.oid AND i.indisunique AND i.indnkeyatts = 1
                  AND i.indkey[0] = a.attnum AND i.indpred IS NULL) AS is_unique
@@ -81,6 +92,7 @@ class _Table(msgspec.Struct):
     kind: str
     types: dict[str, str]
     unique: set[str]
+    not_null: set[str] = msgspec.field(default_factory=set)
 
 
 async def check_catalog(conn: Any, spec: GraphSpec) -> KeyKind:
@@ -95,6 +107,8 @@ async def check_catalog(conn: Any, spec: GraphSpec) -> KeyKind:
             table.types[row["attname"]] = row["typname"]
             if row["is_unique"]:
                 table.unique.add(row["attname"])
+            if row["attnotnull"]:
+                table.not_null.add(row["attname"])
     kinds: dict[str, KeyKind] = {}
     for spec_table in spec.tables:
         kinds[spec_table.name] = _check_table(spec, spec_table, found, kinds)
@@ -130,6 +144,8 @@ def _check_table(
             f"{name}.{table.key} is not unique: a key needs a PRIMARY KEY or UNIQUE constraint on that"
             " column alone"
         )
+    if table.key not in info.not_null:
+        raise fail(f"{name}.{table.key} may be NULL: a key column must be NOT NULL (or the PRIMARY KEY)")
     if table.parent is not None and table.parent_key is not None:
         parent_kind = kinds[table.parent]
         column_type = info.types[table.parent_key]
@@ -234,7 +250,11 @@ END
     def _function(self, table: TableSpec) -> str:
         name = f"{self.sql.schema}.{_q(self.function_name(table))}"
         body = self.function_body(table)
-        return f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn${body}$fn$"
+        settings = " ".join(f"SET {key} = {_literal(value)}" for key, value in RENDERING.items())
+        return (
+            f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql {settings}"
+            f" AS $fn${body}$fn$"
+        )
 
     def _trigger(self, table: TableSpec) -> str:
         function = f"{self.sql.schema}.{_q(self.function_name(table))}"
@@ -330,7 +350,8 @@ class TrackAction(msgspec.Struct, frozen=True):
 
 
 _INSTALLED_FUNCTIONS = """
-SELECT p.proname, p.prosrc FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+SELECT p.proname, p.prosrc, coalesce(p.proconfig, '{}') AS proconfig
+FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
 WHERE n.nspname = $1 AND p.proname LIKE 'spec\\_track\\_%'
 """
 _INSTALLED_TRIGGERS = """
@@ -360,16 +381,20 @@ async def plan_tracking(conn: Any, spec_sql: SpecSql, *, schema: str) -> list[Tr
                 f"-- the store schema {schema}: migrated as PostgresStore.connect does",
             )
         )
-    functions = {row["proname"]: row["prosrc"] for row in await conn.fetch(_INSTALLED_FUNCTIONS, schema)}
+    functions = {
+        row["proname"]: (row["prosrc"], sorted(row["proconfig"]))
+        for row in await conn.fetch(_INSTALLED_FUNCTIONS, schema)
+    }
+    settings = sorted(f"{key}={value}" for key, value in RENDERING.items())
     triggers = await conn.fetch(_INSTALLED_TRIGGERS, sql.trigger_name, schema)
     wanted = {spec_sql.function_name(t) for t in spec.tables}
     for table in spec.tables:
         name = spec_sql.function_name(table)
         what = f"function {schema}.{name} (roots of {spec.schema}.{table.name} rows)"
-        body = functions.get(name)
-        if body is None:
+        installed = functions.get(name)
+        if installed is None:
             actions.append(TrackAction("create", what, spec_sql.functions[table.name]))
-        elif body != spec_sql.function_body(table):
+        elif installed != (spec_sql.function_body(table), settings):
             actions.append(TrackAction("replace", what, spec_sql.functions[table.name]))
         else:
             actions.append(TrackAction("unchanged", what))

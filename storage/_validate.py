@@ -276,11 +276,14 @@ def _subtree(state: Mapping[str, RowInfo], top: str) -> list[str]:
     for node_id, info in state.items():
         if info.parent_id is not None:
             children.setdefault(info.parent_id, []).append(node_id)
-    found, stack = [], [top]
+    found, stack, seen = [], [top], {top}
     while stack:
         node_id = stack.pop()
         found.append(node_id)
-        stack.extend(children.get(node_id, ()))
+        for child in children.get(node_id, ()):
+            if child not in seen:  # an earlier op of the same call may have made a cycle
+                seen.add(child)
+                stack.append(child)
     return found
 
 

@@ -224,6 +224,9 @@ CATALOG_ERRORS = [
      "{shop}.line_notes.id is not unique: a key needs a PRIMARY KEY or UNIQUE constraint"),
     ("key-unique-only-with-another-column", "ALTER TABLE {s}.line_notes DROP CONSTRAINT line_notes_pkey;"
      " ALTER TABLE {s}.line_notes ADD UNIQUE (id, line_id)", None, "{shop}.line_notes.id is not unique"),
+    ("key-nullable", "ALTER TABLE {s}.line_notes DROP CONSTRAINT line_notes_pkey;"
+     " ALTER TABLE {s}.line_notes ALTER COLUMN id DROP NOT NULL; ALTER TABLE {s}.line_notes ADD UNIQUE (id)",
+     None, "{shop}.line_notes.id may be NULL: a key column must be NOT NULL"),
 ]  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graphcache.actors import ActorDead, Changed, Node, RootActor, graph_key
+from graphcache.actors import ActorDead, Changed, Node, Rebuilder, RootActor, graph_key
 from graphcache.actors._live import Doubt, LiveGraph
 from graphcache.cache import MemoryCache
 from graphcache.storage import (
@@ -75,7 +75,7 @@ async def replay_and_compare(store: GraphStore, root_id: str, plan: list[list[St
     """Apply ``plan``; after each commit patch the kept graph with the feed's images and compare it with
     a snapshot load at that version. Returns how many versions were compared."""
     feed: Any = store.changes(after=await store.cursor())
-    live = LiveGraph(await store.load(root_id))
+    live = LiveGraph(await store.load(root_id), 0)
     fresh = [0]
     compared = 0
     try:
@@ -134,7 +134,7 @@ def small_graph() -> Graph:
 
 def test_a_deletion_takes_the_subtree() -> None:
     """Deleting a node removes its descendants, as a snapshot after the store's deletion shows."""
-    live = LiveGraph(small_graph())
+    live = LiveGraph(small_graph(), 0)
     live.apply(4, [RowImage("a")])
     assert sorted(live.graph().nodes) == ["r"]
 
@@ -142,7 +142,7 @@ def test_a_deletion_takes_the_subtree() -> None:
 def test_images_that_do_not_fit_raise_doubt_and_change_nothing() -> None:
     """A parent the graph lacks, a cycle or a skipped version is a Doubt; the graph stays as it was."""
     before = small_graph()
-    live = LiveGraph(before)
+    live = LiveGraph(before, 0)
     for version, images in [
         (4, [RowImage("c", "nowhere", {}, 1)]),
         (4, [RowImage("x", "r", {}, 1), RowImage("a", "b", {}, 2)]),  # a below its own child
@@ -157,7 +157,7 @@ def test_images_that_do_not_fit_raise_doubt_and_change_nothing() -> None:
 
 def test_a_patched_graph_is_not_changed_by_later_patches() -> None:
     """The graph handed to a put keeps its content when the next version is patched in."""
-    live = LiveGraph(small_graph())
+    live = LiveGraph(small_graph(), 0)
     handed = live.graph()
     live.apply(4, [RowImage("b")])
     assert "b" in handed.nodes
@@ -476,7 +476,7 @@ async def test_patched_spec_graph_equals_the_snapshot_at_every_version(
         async with shop.conn.transaction():
             for order in orders:
                 await shop.conn.execute(f"INSERT INTO {s}.orders (id, customer) VALUES ($1, 'ada')", order)
-        live = {str(order): LiveGraph(await store.load(str(order))) for order in orders}
+        live = {str(order): LiveGraph(await store.load(str(order)), 0) for order in orders}
         seen = {root_id: graph.version for root_id, graph in live.items()}
         for transaction in plan:
             async with shop.conn.transaction():
@@ -492,9 +492,78 @@ async def test_patched_spec_graph_equals_the_snapshot_at_every_version(
                 snapshot = await store.load(change.root_id)
                 assert snapshot.version == change.version  # one writer: nothing committed since
                 if change.images is None:
-                    live[change.root_id] = LiveGraph(snapshot)  # what an actor does: load it
+                    live[change.root_id] = LiveGraph(snapshot, 0)  # what an actor does: load it
                     continue
                 live[change.root_id].apply(change.version, change.images)
                 assert live[change.root_id].graph() == snapshot
+    finally:
+        await feed.aclose()
+
+
+async def test_a_node_moved_out_from_under_a_deleted_one_survives_the_patch() -> None:
+    """Moving Y out from under X and deleting X in one call keeps Y's subtree, as the snapshot does
+    (the images list the writes before the deletions)."""
+    async with MemoryStore() as store:
+        await store.create_root("R", {})
+        await store.apply("R", [Upsert("X", "R", {}), Upsert("Y", "X", {}), Upsert("K", "Y", {})])
+        feed: Any = store.changes(after=await store.cursor())
+        live = LiveGraph(await store.load("R"), 0)
+        await store.apply("R", [Upsert("Y", "R", {"moved": True}), Delete("X")])
+        change = await next_change(feed, "R", live.version)
+        assert change.images is not None
+        live.apply(change.version, change.images)
+        assert live.graph() == await store.load("R")
+        assert sorted(live.graph().nodes) == ["K", "R", "Y"]
+
+
+async def test_a_patched_graph_is_never_put_under_a_lease_newer_than_its_snapshots(
+    store: MemoryStore,
+) -> None:
+    """After the cache lost the key, a graph patched on a snapshot loaded under the old lease is not
+    put, even though the rebuilder meanwhile holds a new lease (a read-through noticed the loss): it is
+    loaded anew, so a reader who saw a newer version before the loss never sees the patched older one."""
+    async with MemoryCache() as cache:
+        rebuilder = Rebuilder(store, cache)
+        feed: Any = store.changes(after=await store.cursor())
+        base, _, lease = await rebuilder.rebuild_leased("r")
+        live = LiveGraph(base, lease)
+        await store.apply("r", [Upsert("a", "r", {})])  # v2: its images will be patched in
+        two = await next_change(feed, "r", 1)
+        await store.apply("r", [Upsert("b", "r", {})])  # v3: a reader saw it cached, then it was lost
+        assert await cache.discard(graph_key("r"), 1)
+        assert await rebuilder.recreated_since("r", lease)  # a read-through noticed: new lease held
+        assert two.images is not None
+        live.apply(two.version, two.images)
+        graph, stored, _ = await rebuilder.rebuild_leased("r", live.graph(), live.lease)
+        assert (graph.version, stored) == (3, True)  # loaded anew, not the patched v2
+        assert await cached(cache) == await store.load("r")
+
+
+async def test_the_writers_session_settings_do_not_change_the_images(spec_shop: Shop) -> None:
+    """A writer in another time zone (and float, bytea, interval styles) logs images that patch into
+    exactly the snapshot the store loads: both render rows with the same settings."""
+    shop, store = spec_shop, spec_shop.store
+    s = f'"{shop.shop}"'
+    order = shop.fresh()
+    feed: Any = store.changes(after=await store.cursor())
+    try:
+        await shop.conn.execute(f"INSERT INTO {s}.orders (id, customer) VALUES ($1, 'ada')", order)
+        live = LiveGraph(await store.load(str(order)), 0)
+        async with shop.conn.transaction():
+            for setting in (
+                "TimeZone = 'Asia/Tokyo'",
+                "extra_float_digits = 0",
+                "IntervalStyle = 'iso_8601'",
+            ):
+                await shop.conn.execute(f"SET LOCAL {setting}")
+            await shop.conn.execute(
+                f"UPDATE {s}.orders SET placed = '2026-05-06 07:08:09+00', total = 1.25 WHERE id = $1", order
+            )
+        change = await next_change(feed, str(order), live.version)
+        assert change.images is not None
+        live.apply(change.version, change.images)
+        snapshot = await store.load(str(order))
+        assert live.graph() == snapshot
+        assert snapshot.nodes[f"orders:{order}"].data["placed"] == "2026-05-06T07:08:09+00:00"
     finally:
         await feed.aclose()
