@@ -40,6 +40,7 @@ import msgspec
 
 from graphcache.harness import Event, HistoryWriter, graph_hash
 from graphcache.storage import Graph, Node
+from tests._spec_shop import spec_toml as shop_spec_toml
 
 __all__ = (
     "Figures",
@@ -88,25 +89,8 @@ CREATE INDEX ON {s}.line_notes (line_id);
 
 
 def spec_toml(shop: str) -> str:
-    """The graph spec of the test's tables."""
-    return f"""
-[graph]
-schema = "{shop}"
-root = "orders"
-
-[tables.orders]
-key = "id"
-
-[tables.order_lines]
-key = "id"
-parent = "orders"
-parent_key = "order_id"
-
-[tables.line_notes]
-key = "id"
-parent = "order_lines"
-parent_key = "line_id"
-"""
+    """The graph spec of the test's tables: the shop's, every column of each table cached."""
+    return shop_spec_toml(shop, notes="")
 
 
 def rows_digest(rows: Iterable[Row]) -> str:

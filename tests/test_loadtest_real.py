@@ -29,6 +29,7 @@ from graphcache.harness._servers import drop_schema
 from graphcache.harness._strategies import Tally
 from graphcache.harness._workload import Stopper
 from tests._redis_servers import PrivateRedis
+from tests._spec_shop import spec_toml
 
 pytestmark = pytest.mark.slow
 
@@ -220,22 +221,6 @@ def test_redis_stopped_mid_run_is_one_line_and_the_schema_is_dropped(
 
 # ---- --graph: the load test on a team's own tables ---------------------------------------------------------
 
-SHOP_SPEC = """
-[graph]
-schema = "{schema}"
-root = "orders"
-[tables.orders]
-key = "id"
-[tables.order_lines]
-key = "id"
-parent = "orders"
-parent_key = "order_id"
-[tables.line_notes]
-key = "id"
-parent = "order_lines"
-parent_key = "line_id"
-columns = ["id", "line_id", "body"]
-"""
 SHOP_TABLES = """
 CREATE TABLE {s}.orders (id bigint PRIMARY KEY, customer text, total numeric(8,2), paid boolean NOT NULL
     DEFAULT false, code varchar(4));
@@ -307,7 +292,7 @@ def shop(dsn: str, directory: Path, *, rows: bool = True) -> Iterator[Shop]:
 
     schema = f"gct_{RUN_ID}_shop{uuid.uuid4().hex[:6]}"
     spec = directory / "shop.toml"
-    spec.write_text(SHOP_SPEC.format(schema=schema))
+    spec.write_text(spec_toml(schema))
     try:
         anyio.run(functools.partial(make_shop, dsn, schema, rows=rows))
         yield Shop(schema, spec)
