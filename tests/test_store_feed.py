@@ -140,6 +140,17 @@ async def test_a_transaction_that_commits_late_is_still_delivered(
         assert ("late", 2) in {(c.root_id, c.version) for c in await read_until(resumed, "late", 2)}
 
 
+async def apply_waits_for_a_lock(conn: asyncpg.Connection) -> bool:
+    """Whether the server shows an apply waiting for a lock. Inside a transaction pg_stat_activity is read
+    once and then cached, so the cache is cleared first: a poll must see the server as it is now."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    found = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND query LIKE '%lock_structure%'"
+    )
+    return bool(found)
+
+
 async def test_apply_that_waited_for_the_root_lock_plans_on_what_its_holder_committed(
     connect: Connect, raw: asyncpg.Connection, pg_schema: str
 ) -> None:
@@ -166,10 +177,7 @@ async def test_apply_that_waited_for_the_root_lock_plans_on_what_its_holder_comm
     async with anyio.create_task_group() as group:
         group.start_soon(waiting_apply)
         with anyio.fail_after(10):  # the server reports the apply as waiting for the holder's lock
-            while not await raw.fetchval(  # noqa: ASYNC110  (server state, polled under a deadline)
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE"
-                " '%lock_structure%'"
-            ):
+            while not await apply_waits_for_a_lock(raw):  # noqa: ASYNC110  (server state, under a deadline)
                 await anyio.sleep(0.01)
         assert result == [], "apply went ahead while the root was locked"
         await holder.commit()
