@@ -43,7 +43,17 @@ import asyncpg
 import msgspec
 
 from .._cli import CommandError, UsageError, redact
-from ..storage import Graph, GraphSpec, GraphStore, Node, PostgresStore, SpecError, StoreError, track_graph
+from ..storage import (
+    Graph,
+    GraphSpec,
+    GraphStore,
+    Node,
+    PostgresStore,
+    SpecError,
+    StoreError,
+    prepare_connection,
+    track_graph,
+)
 from ._history import Event, HistoryWriter, graph_hash
 from ._strategies import Tally
 from ._workload import Lane
@@ -267,13 +277,12 @@ async def install_tracking(dsn: str, spec: GraphSpec, schema: str) -> None:
 
 
 def loader_statement(store: GraphStore) -> str:
-    """The spec store's one-statement snapshot loader (``SpecSql.graphs``: ``$1`` is a text[] of root ids),
-    which the writers run inside their own transaction. The storage package has no public name for it, so
-    it is read from the store that generated it (and checked it against the catalog)."""
-    spec_sql = store._spec if isinstance(store, PostgresStore) else None
-    if spec_sql is None:
+    """The spec store's one-statement snapshot loader (``$1`` is a text[] of root ids), which the writers
+    run inside their own transaction."""
+    statement = store.snapshot_statement if isinstance(store, PostgresStore) else None
+    if statement is None:
         raise CommandError("a --graph run needs a PostgresStore serving the graph spec")
-    return spec_sql.graphs
+    return statement
 
 
 @contextlib.asynccontextmanager
@@ -281,7 +290,7 @@ async def writer_pool(dsn: str, size: int = WRITE_POOL_SIZE) -> AsyncIterator[as
     """Connections for the plain-SQL writes, decoding jsonb as the store does (so hashes agree)."""
     try:
         pool = await asyncpg.create_pool(
-            dsn, min_size=0, max_size=size, init=_init_connection, command_timeout=STATEMENT_TIMEOUT
+            dsn, min_size=0, max_size=size, init=prepare_connection, command_timeout=STATEMENT_TIMEOUT
         )
     except _FAILED as exc:
         raise CommandError(f"cannot connect to PostgreSQL ({redact(dsn)}): {exc}") from exc
@@ -489,20 +498,6 @@ class TableWrites:
 
 
 # ---- connections ------------------------------------------------------------------------------------------
-
-_json_encoder = msgspec.json.Encoder()
-_json_decoder = msgspec.json.Decoder(dict[str, Any])
-
-
-async def _init_connection(conn: Any) -> None:
-    # jsonb exactly as PostgresStore decodes it (binary jsonb is 0x01 + the JSON text).
-    await conn.set_type_codec(
-        "jsonb",
-        encoder=lambda value: b"\x01" + _json_encoder.encode(value),
-        decoder=lambda data: _json_decoder.decode(data[1:]),
-        schema="pg_catalog",
-        format="binary",
-    )
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,7 @@ from ._errors import (
 )
 from ._memory import MemoryStore
 from ._model import Change, Checkpoint, Delete, Graph, Node, Op, RowImage, Snapshot, Upsert
-from ._postgres import PostgresStore, install_change_tracking, track_graph
+from ._postgres import PostgresStore, install_change_tracking, prepare_connection, track_graph
 from ._protocol import GraphStore
 from ._slots import SLOTS, SlotFilter, slot_of
 from ._spec import GraphSpec, SpecError, TableSpec
@@ -42,6 +42,7 @@ __all__ = (  # noqa: RUF022  (plain sorted order, as tests/test_all_attributes.p
     "TrackAction",
     "Upsert",
     "install_change_tracking",
+    "prepare_connection",
     "slot_of",
     "track_graph",
 )

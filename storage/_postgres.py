@@ -58,7 +58,7 @@ from ._validate import (
     plan_apply,
 )
 
-__all__ = ("Loader", "PostgresStore", "install_change_tracking", "track_graph")
+__all__ = ("Loader", "PostgresStore", "install_change_tracking", "prepare_connection", "track_graph")
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,15 @@ async def _init_connection(conn: Any) -> None:
     await conn.set_type_codec(
         "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
     )
+
+
+async def prepare_connection(conn: Any) -> None:
+    """Make an asyncpg connection of your own read graph rows as the store does: jsonb decoded the same
+    way and rows rendered with the same session settings (the store's pool sets those at connect). For
+    a reader that runs ``PostgresStore.snapshot_statement`` inside its own transaction."""
+    await _init_connection(conn)
+    for key, value in RENDERING.items():
+        await conn.execute("SELECT set_config($1, $2, false)", key, value)
 
 
 async def _keep_session(conn: Any) -> None:
@@ -280,6 +289,13 @@ class PostgresStore:
             await store.aclose()
             raise
         return store
+
+    @property
+    def snapshot_statement(self) -> str | None:
+        """A graph spec store's one-statement snapshot loader (``$1``: a text[] of root ids; rows of
+        root_id, version, id, parent_id, data), to run inside a transaction of your own on a connection
+        set up with ``prepare_connection``; None for the built-in tables or a loader."""
+        return None if self._spec is None else self._spec.graphs
 
     @property
     def graph(self) -> GraphSpec | None:

@@ -4,6 +4,7 @@ version; and the actor falls back to a snapshot load on a gap, a doubt, a lost k
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -193,6 +194,23 @@ async def store() -> AsyncIterator[MemoryStore]:
         yield store
 
 
+@contextlib.asynccontextmanager
+async def patching_actor(
+    store: MemoryStore, **options: Any
+) -> AsyncIterator[tuple[RootActor, CountingStore, MemoryCache]]:
+    """A running actor of root "r" on a store that counts its loads; unless ``max_live_graph_bytes`` says
+    otherwise, it has built version 1 (one snapshot load) and keeps the graph. Stopped on leaving."""
+    counting = CountingStore(store)
+    async with MemoryCache() as cache, anyio.create_task_group() as tg:
+        actor = RootActor("r", store=counting, cache=cache, min_rebuild_interval=0, **options)
+        await tg.start(actor.run)
+        if not options:
+            actor.tell(Changed("r", 1))
+            await actor.until_built(1)
+        yield actor, counting, cache
+        tg.cancel_scope.cancel()
+
+
 async def cached(cache: MemoryCache) -> Graph | None:
     item = await cache.get(graph_key("r"), type=Graph)
     return None if item is None else item.value
@@ -207,13 +225,8 @@ async def commit(store: MemoryStore, feed: Any, ops: list[Op]) -> Change:
 
 async def test_contiguous_versions_are_patched_without_store_reads(store: MemoryStore) -> None:
     """After one snapshot load, versions that arrive with their images cost no store read."""
-    counting = CountingStore(store)
     feed = store.changes(after=await store.cursor()).__aiter__()
-    async with MemoryCache() as cache, anyio.create_task_group() as tg:
-        actor = RootActor("r", store=counting, cache=cache, min_rebuild_interval=0)
-        await tg.start(actor.run)
-        actor.tell(Changed("r", 1))
-        await actor.until_built(1)
+    async with patching_actor(store) as (actor, counting, cache):
         assert counting.loads == 1
         for index in range(20):
             change = await commit(store, feed, [Upsert(f"c{index}", "r", {"i": index})])
@@ -223,18 +236,12 @@ async def test_contiguous_versions_are_patched_without_store_reads(store: Memory
         assert await cached(cache) == await store.load("r")
         assert actor.patching
         actor.tell(Changed("r", 1))  # an old duplicate changes nothing
-        tg.cancel_scope.cancel()
 
 
 async def test_a_gap_or_a_version_without_images_loads_a_snapshot(store: MemoryStore) -> None:
     """A version whose images never arrived is loaded, and so is one told without images."""
-    counting = CountingStore(store)
     feed = store.changes(after=await store.cursor()).__aiter__()
-    async with MemoryCache() as cache, anyio.create_task_group() as tg:
-        actor = RootActor("r", store=counting, cache=cache, min_rebuild_interval=0)
-        await tg.start(actor.run)
-        actor.tell(Changed("r", 1))
-        await actor.until_built(1)
+    async with patching_actor(store) as (actor, counting, cache):
         await commit(store, feed, [Upsert("lost", "r", {})])  # version 2: its images are never told
         third = await commit(store, feed, [Upsert("c", "r", {})])
         actor.tell(Changed("r", third.version, images=third.images))
@@ -245,65 +252,42 @@ async def test_a_gap_or_a_version_without_images_loads_a_snapshot(store: MemoryS
         await actor.until_built(4)
         assert counting.loads == 3
         assert await cached(cache) == await store.load("r")
-        tg.cancel_scope.cancel()
 
 
 async def test_images_that_do_not_fit_load_a_snapshot(store: MemoryStore) -> None:
     """Images naming a parent the kept graph lacks are a doubt: the actor loads the version instead."""
-    counting = CountingStore(store)
     feed = store.changes(after=await store.cursor()).__aiter__()
-    async with MemoryCache() as cache, anyio.create_task_group() as tg:
-        actor = RootActor("r", store=counting, cache=cache, min_rebuild_interval=0)
-        await tg.start(actor.run)
-        actor.tell(Changed("r", 1))
-        await actor.until_built(1)
+    async with patching_actor(store) as (actor, counting, cache):
         change = await commit(store, feed, [Upsert("c", "r", {})])
         actor.tell(Changed("r", change.version, images=(RowImage("c", "nowhere", {}, 1),)))
         await actor.until_built(change.version)
         assert counting.loads == 2
         assert await cached(cache) == await store.load("r")
-        tg.cancel_scope.cancel()
 
 
 async def test_no_graph_is_kept_beyond_max_live_graph_bytes(store: MemoryStore) -> None:
     """With max_live_graph_bytes below the graph's size every version is loaded, and none is kept."""
-    counting = CountingStore(store)
     feed = store.changes(after=await store.cursor()).__aiter__()
-    async with MemoryCache() as cache, anyio.create_task_group() as tg:
-        actor = RootActor(
-            "r",
-            store=counting,
-            cache=cache,
-            min_rebuild_interval=0,
-            max_live_graph_bytes=10,
-        )
-        await tg.start(actor.run)
+    async with patching_actor(store, max_live_graph_bytes=10) as (actor, counting, _):
         for index in range(3):
             change = await commit(store, feed, [Upsert(f"c{index}", "r", {"i": index})])
             actor.tell(Changed("r", change.version, images=change.images))
             await actor.until_built(change.version)
             assert not actor.patching
         assert counting.loads == 3
-        tg.cancel_scope.cancel()
 
 
 async def test_a_lost_key_is_loaded_never_put_from_memory(store: MemoryStore) -> None:
     """When the cache lost the key after the lease was taken, the patched graph is not put: a new
     lease, then a snapshot load, then the put."""
-    counting = CountingStore(store)
     feed = store.changes(after=await store.cursor()).__aiter__()
-    async with MemoryCache() as cache, anyio.create_task_group() as tg:
-        actor = RootActor("r", store=counting, cache=cache, min_rebuild_interval=0)
-        await tg.start(actor.run)
-        actor.tell(Changed("r", 1))
-        await actor.until_built(1)
+    async with patching_actor(store) as (actor, counting, cache):
         assert await cache.discard(graph_key("r"), 1)  # the cache loses everything of the key
         change = await commit(store, feed, [Upsert("c", "r", {})])
         actor.tell(Changed("r", change.version, images=change.images))
         await actor.until_built(change.version)
         assert counting.loads == 2
         assert await cached(cache) == await store.load("r")
-        tg.cancel_scope.cancel()
 
 
 async def test_a_node_patches_from_its_feed_and_a_new_actor_starts_from_a_snapshot() -> None:
